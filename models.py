@@ -1,0 +1,440 @@
+"""Darknet-cfg YOLOv3-family models in PyTorch, their weights I/O, and the `python models.py` CLI.
+
+    python models.py summary  --cfg C [--weights W] [--img-size N]
+    python models.py convert  --cfg C --weights IN --out OUT       (.pt <-> .weights)
+    python models.py make-cfg --base C --classes N --out OUT
+"""
+import argparse
+import copy
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils.darknet_weights import load_darknet_weights, save_weights
+from utils.errors import DarkslimError, cli_main
+from utils.io import atomic_path
+from utils.parse_config import (cfg_text, conv_geometry, infer_shapes, layer_inputs, maxpool_geometry, parse_cfg,
+                                parse_cfg_text, write_cfg, yolo_masks)
+
+__all__ = ['Darknet', 'YOLOLayer', 'parse_cfg', 'write_cfg', 'load_darknet_weights', 'save_weights',
+           'load_model', 'save_checkpoint', 'load_checkpoint', 'model_info']
+
+BN_EPS = 1e-5       # darknet's batchnorm epsilon (OpenCV's importer uses 1e-6)
+BN_MOMENTUM = 0.03  # running-stat update rate in training (ultralytics' value)
+
+
+class Swish(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+class Mish(nn.Module):
+    def forward(self, x):
+        return x * torch.tanh(F.softplus(x))
+
+
+def activation(name):
+    return {'leaky': lambda: nn.LeakyReLU(0.1), 'relu': nn.ReLU, 'mish': Mish, 'swish': Swish,
+            'logistic': nn.Sigmoid, 'linear': nn.Identity}[name]()
+
+
+class MaxPoolDarknet(nn.Module):
+    """Darknet maxpool: padding `size-1` split floor-left, out-of-range cells ignored (padded with -inf)."""
+
+    def __init__(self, size, stride, padding):
+        super().__init__()
+        self.size, self.stride = size, stride
+        self.pads = (padding // 2, padding - padding // 2) * 2  # (left, right, top, bottom)
+
+    def forward(self, x):
+        if any(self.pads):
+            x = F.pad(x, self.pads, value=float('-inf'))
+        return F.max_pool2d(x, self.size, self.stride)
+
+
+class Upsample(nn.Module):
+    def __init__(self, stride):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x):
+        return F.interpolate(x, scale_factor=self.stride, mode='nearest')
+
+
+class Route(nn.Module):
+    """Concatenate inputs along channels; with `groups`, take slice `group_id` of each input first."""
+
+    def __init__(self, groups=1, group_id=0):
+        super().__init__()
+        self.groups, self.group_id = groups, group_id
+
+    def forward(self, xs):
+        if self.groups > 1:
+            xs = [x.chunk(self.groups, 1)[self.group_id] for x in xs]
+        return xs[0] if len(xs) == 1 else torch.cat(xs, 1)
+
+
+class Shortcut(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.act = activation(act)
+
+    def forward(self, xs):
+        out = xs[0]
+        for x in xs[1:]:
+            out = out + x
+        return self.act(out)
+
+
+class YOLOLayer(nn.Module):
+    """Darknet [yolo] head: reshape the conv output and decode boxes as darknet's yolo_layer.c does.
+
+    raw:  [B, na, H, W, 5+nc], the conv output before any activation.
+    decoded (eval): [B, na*H*W, 5+nc] with centre x, y and w, h in input pixels, objectness and class
+    probabilities (sigmoid): xy = (sigmoid(t)*scale_x_y - (scale_x_y-1)/2 + grid) * stride, wh = exp(t)*anchor.
+    """
+
+    def __init__(self, anchors, nc, scale_x_y=1.0):
+        super().__init__()
+        self.register_buffer('anchors', torch.tensor(anchors, dtype=torch.float32).view(-1, 2), persistent=False)
+        self.na, self.nc, self.no = len(anchors), nc, nc + 5
+        self.scale_x_y = float(scale_x_y)
+        self.grid = None
+
+    def forward(self, p, img_hw):
+        b, _, ny, nx = p.shape
+        p = p.view(b, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
+        if self.training:
+            return p, None
+        stride = torch.tensor([img_hw[1] / nx, img_hw[0] / ny], device=p.device, dtype=p.dtype)
+        if self.grid is None or self.grid.shape[2:4] != (ny, nx) or self.grid.device != p.device:
+            yv, xv = torch.meshgrid(torch.arange(ny, device=p.device), torch.arange(nx, device=p.device),
+                                    indexing='ij')
+            self.grid = torch.stack((xv, yv), 2).view(1, 1, ny, nx, 2).to(p.dtype)
+        s = self.scale_x_y
+        xy = (torch.sigmoid(p[..., :2]) * s - (s - 1) / 2 + self.grid) * stride
+        wh = torch.exp(p[..., 2:4]) * self.anchors.to(p.dtype).view(1, self.na, 1, 1, 2)
+        rest = torch.sigmoid(p[..., 4:])
+        return p, torch.cat((xy, wh, rest), -1).view(b, -1, self.no)
+
+
+def create_modules(module_defs, in_channels):
+    """nn.ModuleList matching the layer sections. Conv layers are Sequential(Conv2d[, BatchNorm2d], act),
+    indexable as m[0] conv, m[1] bn (when batch_normalize)."""
+    module_list = nn.ModuleList()
+    channels = []
+    for i, d in enumerate(module_defs):
+        t = d['type']
+        c_in = channels[-1] if channels else in_channels
+        if t == 'convolutional':
+            size, stride, pad, groups = conv_geometry(d)
+            bn = d.get('batch_normalize', 0)
+            m = nn.Sequential()
+            m.add_module('Conv2d', nn.Conv2d(c_in, d['filters'], size, stride, pad, groups=groups, bias=not bn))
+            if bn:
+                m.add_module('BatchNorm2d', nn.BatchNorm2d(d['filters'], eps=BN_EPS, momentum=BN_MOMENTUM))
+            m.add_module('activation', activation(d.get('activation', 'logistic')))
+            c_out = d['filters']
+        elif t == 'maxpool':
+            m = MaxPoolDarknet(*maxpool_geometry(d))
+            c_out = c_in
+        elif t == 'upsample':
+            m = Upsample(d.get('stride', 2))
+            c_out = c_in
+        elif t == 'route':
+            groups = d.get('groups', 1)
+            m = Route(groups, d.get('group_id', 0))
+            c_out = sum(channels[j] // groups for j in layer_inputs([None] + module_defs, i))
+        elif t == 'shortcut':
+            m = Shortcut(d.get('activation', 'linear'))
+            c_out = c_in
+        elif t == 'yolo':
+            anchors = [d['anchors'][k] for k in yolo_masks(d)]
+            m = YOLOLayer(anchors, d.get('classes', 20), d.get('scale_x_y', 1.0))
+            c_out = c_in
+        module_list.append(m)
+        channels.append(c_out)
+    return module_list
+
+
+class Darknet(nn.Module):
+    """A YOLOv3-family model built from a Darknet cfg (path, or the `parse_cfg` list of sections).
+
+    eval: `model(x)` -> (inference [B, N, 5+nc], raw [per yolo layer: B, na, H, W, 5+nc]); train: raw.
+    """
+
+    def __init__(self, cfg, img_size=None):
+        super().__init__()
+        if isinstance(cfg, (str, os.PathLike)):
+            defs = parse_cfg(cfg)
+        else:
+            defs = copy.deepcopy(list(cfg))
+            infer_shapes(defs)
+        self.hyperparams, self.module_defs = defs[0], defs[1:]
+        net = self.hyperparams
+        if img_size is None:
+            img_size = (net['height'], net['width'])  # infer_shapes has checked both are set
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.in_channels = net.get('channels', 3)
+        self.module_list = create_modules(self.module_defs, self.in_channels)
+        self.inputs = [layer_inputs([None] + self.module_defs, i) for i in range(len(self.module_defs))]
+        # keep only outputs some later layer reads out of order (route/shortcut sources)
+        self.keep = sorted({j for i, ins in enumerate(self.inputs) for j in ins
+                            if self.module_defs[i]['type'] in ('route', 'shortcut')})
+        self.yolo_layers = [i for i, d in enumerate(self.module_defs) if d['type'] == 'yolo']
+        self.header = None  # darknet .weights header read by load_darknet_weights
+
+    @property
+    def defs(self):
+        """[net] + layer sections (what `write_cfg` takes)."""
+        return [self.hyperparams] + self.module_defs
+
+    def cfg_text(self):
+        return cfg_text(self.defs)
+
+    def forward(self, x):
+        img_hw = x.shape[-2:]
+        keep, saved = set(self.keep), {}
+        raw, decoded = [], []
+        for i, (d, m) in enumerate(zip(self.module_defs, self.module_list)):
+            t = d['type']
+            if t in ('route', 'shortcut'):
+                x = m([x if j == i - 1 and j not in saved else saved[j] for j in self.inputs[i]])
+            elif t == 'yolo':
+                p, dec = m(x, img_hw)
+                raw.append(p)
+                decoded.append(dec)
+            else:
+                x = m(x)
+            if i in keep:
+                saved[i] = x
+        if self.training:
+            return raw
+        return torch.cat(decoded, 1), raw
+
+    def fuse(self):
+        """Fold each BatchNorm into its conv (inference only); returns self."""
+        for i, d in enumerate(self.module_defs):
+            m = self.module_list[i]
+            if d['type'] != 'convolutional' or not d.get('batch_normalize', 0) or len(m) < 3:
+                continue
+            conv, bn = m[0], m[1]
+            fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                              groups=conv.groups, bias=True).to(conv.weight.device)
+            with torch.no_grad():
+                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+                fused.bias.copy_(bn.bias - bn.running_mean * scale)
+            self.module_list[i] = nn.Sequential(fused, m[2])
+        return self
+
+    @property
+    def nc(self):
+        return self.module_list[self.yolo_layers[0]].nc
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------
+
+def is_torch_file(path):
+    """True when `path` is a PyTorch checkpoint (zip archive or legacy pickle), by content."""
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    return head[:4] == b'PK\x03\x04' or head[:1] == b'\x80'
+
+
+def save_checkpoint(path, model, **extra):
+    """Write {'model': state_dict, 'cfg': cfg text, **extra} atomically (plain data only)."""
+    ckpt = {'model': {k: v.detach().cpu() for k, v in model.state_dict().items()}, 'cfg': model.cfg_text(), **extra}
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+    return path
+
+
+def read_checkpoint(path):
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise DarkslimError(f"{path}: not a readable darkslim checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or 'model' not in ckpt:
+        raise DarkslimError(f"{path}: checkpoint has no 'model' state_dict; expected a darkslim .pt")
+    return ckpt
+
+
+def load_state_checked(model, state, path):
+    """load_state_dict, refusing (with the first offending tensor and both shapes) any mismatch."""
+    own = model.state_dict()
+    for k, v in own.items():
+        if k not in state:
+            raise DarkslimError(f"{path}: tensor {k} missing from checkpoint; cfg needs shape {tuple(v.shape)}")
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise DarkslimError(f"{path}: tensor {k} has shape {tuple(state[k].shape)}; "
+                                f"the cfg needs {tuple(v.shape)}")
+    for k in state:
+        if k not in own:
+            raise DarkslimError(f"{path}: tensor {k} {tuple(state[k].shape)} is not in the cfg's model")
+    model.load_state_dict(state)
+
+
+def load_checkpoint(model, path):
+    ckpt = read_checkpoint(path)
+    load_state_checked(model, ckpt['model'], path)
+    return ckpt
+
+
+def cfg_from_checkpoint(path):
+    """The cfg sections stored in a .pt checkpoint."""
+    ckpt = read_checkpoint(path)
+    if 'cfg' not in ckpt:
+        raise DarkslimError(f"{path}: checkpoint stores no cfg; pass --cfg")
+    return parse_cfg_text(ckpt['cfg'], f"{path}[cfg]")
+
+
+def load_weights_any(model, path, cutoff=None):
+    """Load `.pt` or darknet `.weights` into `model`, deciding by content."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DarkslimError(f"{path}: no such weights file")
+    if is_torch_file(path):
+        if cutoff is not None:
+            raise DarkslimError(f"{path}: --cutoff applies to darknet .weights, not .pt checkpoints")
+        return load_checkpoint(model, path)
+    return load_darknet_weights(model, path, cutoff)
+
+
+def load_model(cfg, weights=None, device='cpu', img_size=None, cutoff=None):
+    """Build a Darknet from `cfg` (path or sections; None = the cfg stored in a .pt `weights`), load
+    `weights` (.weights or .pt, by content) and return it on `device` in eval mode."""
+    if cfg is None:
+        if weights is None or not is_torch_file(weights):
+            raise DarkslimError("no cfg given; expected --cfg, or a .pt checkpoint that stores one")
+        cfg = cfg_from_checkpoint(weights)
+    model = Darknet(cfg, img_size)
+    if weights is not None:
+        load_weights_any(model, weights, cutoff)
+    return model.to(device).eval()
+
+
+# --- summary --------------------------------------------------------------------------------------------------
+
+def layer_table(defs, height, width):
+    """Per-layer rows (index, type, filters, size/stride, input shape, output shape, params, BFLOPs) as
+    darknet prints them. BFLOPs as AlexeyAB darknet totals them: conv 2*MACs (convolutional_layer.c),
+    maxpool size*size*c*out_h*out_w (maxpool_layer.c), shortcut out_w*out_h*out_c*n (shortcut_layer.c)."""
+    shapes = infer_shapes(defs, height, width)
+    net = defs[0]
+    rows = []
+    for i, d in enumerate(defs[1:]):
+        ins = layer_inputs(defs, i)
+        in_shape = shapes[i - 1] if i else (net.get('channels', 3), height, width)
+        out = shapes[i]
+        params, bflops, geom, filters = 0, 0.0, '', ''
+        if d['type'] == 'convolutional':
+            size, stride, pad, groups = conv_geometry(d)
+            c_in = in_shape[0]
+            params = d['filters'] * c_in // groups * size * size + d['filters'] * (2 if d.get('batch_normalize') else 1)
+            bflops = 2 * d['filters'] * (c_in // groups) * size * size * out[1] * out[2] / 1e9
+            geom, filters = f"{size}x{size}/{stride}", d['filters']
+        elif d['type'] == 'maxpool':
+            size, stride, _ = maxpool_geometry(d)
+            bflops = size * size * in_shape[0] * out[1] * out[2] / 1e9  # darknet maxpool_layer.c
+            geom = f"{size}x{size}/{stride}"
+        elif d['type'] == 'upsample':
+            geom = f"x{d.get('stride', 2)}"
+        elif d['type'] in ('route', 'shortcut'):
+            geom = ','.join(str(j) for j in ins)
+            if d['type'] == 'shortcut':  # darknet shortcut_layer.c: out_w*out_h*out_c*n, n = len(from)
+                bflops = out[0] * out[1] * out[2] * (len(ins) - 1) / 1e9
+        rows.append((i, d['type'], filters, geom, 'x'.join(map(str, in_shape)), 'x'.join(map(str, out)),
+                     params, bflops))
+    return rows
+
+
+def model_info(defs, height=None, width=None):
+    """(trainable params as PyTorch counts them, BFLOPs as darknet counts them)."""
+    net = defs[0]
+    rows = layer_table(defs, height or net['height'], width or net['width'])
+    return sum(r[6] for r in rows), sum(r[7] for r in rows)
+
+
+def summary(cfg, weights=None, img_size=None):
+    """Print the per-layer table and `total: <params> params, <X.XXX> BFLOPs`; returns (params, bflops)."""
+    from terminaltables import AsciiTable
+    defs = parse_cfg(cfg) if not isinstance(cfg, list) else cfg
+    h = img_size or defs[0]['height']
+    w = img_size or defs[0]['width']
+    rows = layer_table(defs, h, w)
+    table = [['layer', 'type', 'filters', 'size/stride', 'input', 'output', 'params', 'BFLOPs']]
+    table += [[i, t, f, g, a, b, p, f"{fl:.3f}" if fl else ''] for i, t, f, g, a, b, p, fl in rows]
+    print(AsciiTable(table).table)
+    if weights is not None:
+        model = Darknet(defs, (h, w))
+        load_weights_any(model, weights)
+        print(f"weights: {weights} fits the cfg")
+    params, bflops = sum(r[6] for r in rows), sum(r[7] for r in rows)
+    print(f"total: {params} params, {bflops:.3f} BFLOPs")
+    return params, bflops
+
+
+def convert(cfg, weights, out):
+    """`.pt` <-> `.weights`: the output format follows `out`'s extension."""
+    model = load_model(cfg, weights)
+    if os.path.splitext(out)[1] == '.pt':
+        save_checkpoint(out, model)
+    else:
+        save_weights(model, out)
+    print(f"{weights} -> {out}")
+    return out
+
+
+def make_cfg(base, classes, out):
+    """The same network for `classes` classes: each conv feeding a [yolo] gets len(mask)*(classes+5) filters."""
+    if classes < 1:
+        raise DarkslimError(f"--classes {classes}; expected a positive class count")
+    defs = parse_cfg(base)
+    for i, d in enumerate(defs[1:]):
+        if d['type'] != 'yolo':
+            continue
+        src = layer_inputs(defs, i)[0]
+        if defs[src + 1]['type'] != 'convolutional':
+            raise DarkslimError(f"{d.where()} (layer {i}): [yolo] is fed by [{defs[src + 1]['type']}]; "
+                                "expected a [convolutional] to resize")
+        defs[src + 1]['filters'] = len(yolo_masks(d)) * (classes + 5)
+        d['classes'] = classes
+    infer_shapes(defs)
+    write_cfg(out, defs)
+    print(f"wrote {out} for {classes} classes")
+    return out
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest='command', required=True)
+    s = sub.add_parser('summary', help='per-layer table, params and BFLOPs; validate weights')
+    s.add_argument('--cfg', required=True)
+    s.add_argument('--weights')
+    s.add_argument('--img-size', type=int)
+    c = sub.add_parser('convert', help='.pt <-> .weights')
+    c.add_argument('--cfg', help='cfg (optional for a .pt that stores one)')
+    c.add_argument('--weights', required=True)
+    c.add_argument('--out', required=True)
+    m = sub.add_parser('make-cfg', help='the same network for another class count')
+    m.add_argument('--base', required=True)
+    m.add_argument('--classes', type=int, required=True)
+    m.add_argument('--out', required=True)
+    return p
+
+
+def main(args):
+    if args.command == 'summary':
+        summary(args.cfg, args.weights, args.img_size)
+    elif args.command == 'convert':
+        convert(args.cfg, args.weights, args.out)
+    elif args.command == 'make-cfg':
+        make_cfg(args.base, args.classes, args.out)
+    return 0
+
+
+if __name__ == '__main__':
+    cli_main(main, get_args_parser().parse_args())

@@ -1,0 +1,98 @@
+"""Shared test fixtures: small cfgs built in code, random-but-sane weights, the shared reference folder."""
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / 'shared'
+SHARED_CFGS = sorted((SHARED / 'darknet-cfg').glob('*.cfg')) if (SHARED / 'darknet-cfg').is_dir() else []
+OUR_CFGS = sorted((REPO / 'cfg').glob('*.cfg'))
+
+
+def need_shared(sub):
+    """Path under ../shared, or skip the test (a user's clone has no shared/)."""
+    p = SHARED / sub
+    if not p.exists():
+        pytest.skip(f"{p} absent (reference data beside the developers' clone only)")
+    return p
+
+
+def conv(filters, size=1, stride=1, bn=1, act='leaky'):
+    return (f"[convolutional]\nbatch_normalize={bn}\nfilters={filters}\nsize={size}\nstride={stride}\n"
+            f"pad=1\nactivation={act}\n")
+
+
+def yolo(mask, anchors, nc):
+    a = ', '.join(f"{w},{h}" for w, h in anchors)
+    return (f"[yolo]\nmask={','.join(map(str, mask))}\nanchors={a}\nclasses={nc}\nnum={len(anchors)}\n"
+            "jitter=.3\nignore_thresh=.7\ntruth_thresh=1\nrandom=1\n")
+
+
+ANCHORS6 = [(7, 9), (15, 21), (30, 25), (33, 61), (70, 52), (90, 110)]  # not COCO's on purpose
+
+
+def mini_yolov3(nc=3, width=96, height=64):
+    """A Darknet-53-like cfg: residual stages, two heads, route + upsample. 23 layers."""
+    s = f"[net]\nwidth={width}\nheight={height}\nchannels=3\n\n"
+    s += conv(8, 3)                                            # 0
+    s += conv(16, 3, 2)                                        # 1  /2
+    s += conv(8, 1) + conv(16, 3) + "[shortcut]\nfrom=-3\nactivation=linear\n"   # 2 3 4
+    s += conv(24, 3, 2)                                        # 5  /4
+    s += conv(12, 1) + conv(24, 3) + "[shortcut]\nfrom=-3\nactivation=linear\n"   # 6 7 8
+    s += conv(12, 1) + conv(24, 3) + "[shortcut]\nfrom=-3\nactivation=linear\n"   # 9 10 11
+    s += conv(40, 3, 2)                                        # 12 /8
+    s += conv(20, 1) + conv(40, 3) + "[shortcut]\nfrom=-3\nactivation=linear\n"   # 13 14 15
+    s += conv(20, 1) + conv(40, 3)                             # 16 17
+    s += conv(3 * (nc + 5), 1, bn=0, act='linear')             # 18
+    s += yolo([3, 4, 5], ANCHORS6, nc)                         # 19
+    s += "[route]\nlayers=-4\n"                                # 20 -> 16
+    s += conv(10, 1) + "[upsample]\nstride=2\n"                # 21 22
+    s += "[route]\nlayers=-1,11\n"                             # 23
+    s += conv(12, 1) + conv(24, 3)                             # 24 25
+    s += conv(3 * (nc + 5), 1, bn=0, act='linear')             # 26
+    s += yolo([0, 1, 2], ANCHORS6, nc)                         # 27
+    return s
+
+
+def mini_tiny(nc=2, width=96, height=96):
+    """A yolov3-tiny-like cfg: maxpool backbone including size=2 stride=1, two heads."""
+    s = f"[net]\nwidth={width}\nheight={height}\nchannels=3\n\n"
+    s += conv(8, 3) + "[maxpool]\nsize=2\nstride=2\n"          # 0 1
+    s += conv(16, 3) + "[maxpool]\nsize=2\nstride=2\n"         # 2 3
+    s += conv(24, 3) + "[maxpool]\nsize=2\nstride=2\n"         # 4 5
+    s += conv(32, 3) + "[maxpool]\nsize=2\nstride=1\n"         # 6 7
+    s += conv(48, 3)                                           # 8
+    s += conv(3 * (nc + 5), 1, bn=0, act='linear')             # 9
+    s += yolo([3, 4, 5], ANCHORS6, nc)                         # 10
+    s += "[route]\nlayers=-3\n"                                # 11 -> 8
+    s += conv(16, 1) + "[upsample]\nstride=2\n"                # 12 13
+    s += "[route]\nlayers=-1,4\n"                              # 14
+    s += conv(24, 3)                                           # 15
+    s += conv(3 * (nc + 5), 1, bn=0, act='linear')             # 16
+    s += yolo([0, 1, 2], ANCHORS6, nc)                         # 17
+    return s
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def randomize_(model, seed=0, var_range=(0.5, 2.0)):
+    """Weights that keep activations O(1) through depth: conv ~ N(0, 1/fan_in); BN gamma in [0.5, 1.5],
+    beta, mean ~ N(0, 0.1), running_var in `var_range` (>= 0.5 so OpenCV's eps 1e-6 vs our 1e-5 is noise)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.normal_(0, m.weight[0].numel() ** -0.5, generator=g)
+                if m.bias is not None:
+                    m.bias.normal_(0, 0.1, generator=g)
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.1, generator=g)
+                m.running_mean.normal_(0, 0.1, generator=g)
+                m.running_var.uniform_(*var_range, generator=g)
+    return model
