@@ -1,0 +1,76 @@
+"""Shared helpers for bench/ scripts: machine description, git commit, date, result files, tables.
+
+    from bench.common import machine_info, print_table, write_result
+    print_table([['step', 's'], ['load', 1.2]], title='yolov3')
+    write_result('io', {...})      # -> bench/results/io.json with machine, date, git commit added (atomic)
+"""
+import datetime
+import json
+import os
+import platform
+import subprocess
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, 'bench', 'results')
+
+
+def _cpu_model():
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit():
+    """HEAD commit of the repository (with '+dirty' when the tree has changes), or 'unknown'."""
+    try:
+        head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain'], cwd=REPO, capture_output=True, text=True,
+                               check=True).stdout.strip()
+        return head + ('+dirty' if dirty else '')
+    except (OSError, subprocess.CalledProcessError):
+        return 'unknown'
+
+
+def machine_info():
+    """Plain-data description of this machine: CPU, cores, torch threads, versions, GPU (if any)."""
+    import torch
+    info = {'cpu': _cpu_model(), 'cores': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
+            'python': platform.python_version(), 'torch': torch.__version__, 'platform': platform.platform()}
+    try:
+        import cv2
+        info['opencv'] = cv2.__version__
+    except ImportError:
+        pass
+    info['gpu'] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    try:
+        with open('/proc/meminfo') as f:
+            info['mem_gb'] = round(int(f.readline().split()[1]) / 1e6, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return info
+
+
+def write_result(name, payload):
+    """Write bench/results/<name>.json atomically: `payload` plus machine, date (UTC ISO) and git commit.
+    Returns the path."""
+    from utils.io import write_text_atomic
+    out = {'name': name, 'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+           'git_commit': git_commit(), 'machine': machine_info(), **payload}
+    path = os.path.join(RESULTS, f'{name}.json')
+    write_text_atomic(path, json.dumps(out, indent=2, default=str) + '\n')
+    print(f"wrote {os.path.relpath(path)}")
+    return path
+
+
+def print_table(rows, title=None):
+    """Print rows (first = header) as a terminaltables AsciiTable; returns the text."""
+    from terminaltables import AsciiTable
+    text = AsciiTable([[str(c) for c in r] for r in rows], title).table
+    print(text)
+    return text

@@ -1,0 +1,418 @@
+"""Network slimming (prune_utils.py + the four prune scripts), specified by equalities of two routes:
+pruned-vs-original outputs where the maths says they must agree, written files vs OpenCV's Darknet importer,
+masks vs the |gamma| rule recomputed here, and the CLIs' one-line errors."""
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from models import Darknet, load_model, model_info, save_checkpoint
+from prune_utils import (compact_model, get_layer_set, loose_model, make_plan, threshold_for_percent)
+from tests.helpers import OUR_CFGS, REPO, SHARED_CFGS, mini_tiny, mini_yolov3, randomize_, write
+from tests.prune_helpers import max_diff, narrow_defs, one_by_one_cfg, raw_outputs, sparsify_
+from tests.test_models import assert_matches_opencv
+from utils.darknet_weights import save_weights
+from utils.errors import DarkslimError
+from utils.parse_config import parse_cfg, write_cfg
+
+H, W = 96, 128            # small, non-square input for every model test
+ATOL = 1e-4
+# reference cfgs not already covered by a same-named cfg of ours (those differ only in [net] width/height)
+CFGS = OUR_CFGS + [p for p in SHARED_CFGS if p.name not in {q.name for q in OUR_CFGS}]
+# (strategy, layer-set mode, round_to)
+STRATEGIES = [('normal', 'normal', None), ('shortcut', 'shortcut', None), ('regular', 'normal', 'pow2'),
+              ('regular8', 'normal', 8), ('tiny', 'tiny', None)]
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine two spinning OpenMP threads make small forwards ~100x
+    slower. Restored after this file."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def has_shortcut(defs):
+    return any(d['type'] == 'shortcut' for d in defs)
+
+
+def cases():
+    for path in CFGS:
+        short = has_shortcut(parse_cfg(path))
+        for strategy, mode, round_to in STRATEGIES:
+            if mode == 'tiny' and short:
+                continue
+            yield pytest.param(path, mode, round_to, id=f"{path.parent.name}/{path.stem}-{strategy}")
+
+
+def image(seed=1):
+    return torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(seed))
+
+
+def prune(model, mode, round_to=None, **how):
+    layer_set = get_layer_set(model.module_defs, mode)
+    plan = make_plan(model, layer_set, mode, round_to=round_to, **how)
+    loose = loose_model(model, plan)
+    return layer_set, plan, loose, compact_model(model, plan, loose)
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def run_cli(script, *args, cwd=REPO):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, env=env)
+
+
+# --- layer sets ---------------------------------------------------------------------------------------------------
+
+def test_yolov3_layer_sets_follow_the_residual_structure():
+    defs = parse_cfg(REPO / 'cfg' / 'yolov3.cfg')[1:]
+    bn = [i for i, d in enumerate(defs) if d['type'] == 'convolutional' and d.get('batch_normalize')]
+    # every [shortcut] here adds layer i-1 and layer i+from, both convs or shortcuts: the convs among them are
+    # exactly what normal mode must leave whole
+    coupled = set()
+    for i, d in enumerate(defs):
+        if d['type'] == 'shortcut':
+            coupled |= {j for j in (i - 1, i + d['from'][0]) if defs[j]['type'] == 'convolutional'}
+    normal = get_layer_set(defs, 'normal')
+    assert set(normal.excluded) == coupled and set(normal.prunable) == set(bn) - coupled
+    assert all(normal.excluded[j].startswith('coupled by [shortcut]') for j in coupled)
+    assert normal.groups == []
+    # shortcut mode: Darknet-53's five stages have 1, 2, 8, 8, 4 residual blocks, each stage one group of its
+    # downsampling conv plus one conv per block
+    sc = get_layer_set(defs, 1)
+    assert sorted(sc.prunable) == bn and sc.excluded == {}
+    assert [len(g) for g in sc.groups] == [2, 3, 9, 9, 5]
+    assert sorted(j for g in sc.groups for j in g) == sorted(coupled)
+    assert get_layer_set(defs, 'regular') == normal and get_layer_set(defs, 0) == normal
+
+
+def test_spp_route_and_upsample_feeders_are_prunable():
+    defs = parse_cfg(REPO / 'cfg' / 'yolov3-spp.cfg')[1:]
+    ls = get_layer_set(defs, 'normal')
+    spp = next(i for i, d in enumerate(defs) if d['type'] == 'route' and len(d['layers']) == 4)
+    feeders = {i - 1 for i, d in enumerate(defs) if d['type'] == 'upsample'}
+    spp_conv = next(j for j in range(spp, 0, -1) if defs[j]['type'] == 'convolutional')
+    assert spp_conv in ls.prunable and feeders <= set(ls.prunable)
+
+
+def test_yolo_feeders_and_grouped_route_inputs_are_excluded_with_reasons(tmp_path):
+    v4t = [p for p in SHARED_CFGS if p.name == 'yolov4-tiny.cfg']
+    if not v4t:
+        pytest.skip('../shared/darknet-cfg/yolov4-tiny.cfg absent')
+    defs = parse_cfg(v4t[0])[1:]
+    ls = get_layer_set(defs, 'tiny')
+    grouped = {i - 1 for i, d in enumerate(defs) if d['type'] == 'route' and d.get('groups', 1) > 1
+               and d['layers'] == [-1]}
+    assert {i for i, why in ls.excluded.items() if '[route] groups' in why} == grouped and grouped
+    # a BN conv feeding a [yolo] directly (no head conv without BN in between)
+    text = mini_tiny(nc=2).replace("batch_normalize=0\nfilters=21", "batch_normalize=1\nfilters=21")
+    ls = get_layer_set(parse_cfg(write(tmp_path, 't.cfg', text))[1:], 'tiny')
+    assert ls.excluded == {9: 'feeds [yolo] 10', 16: 'feeds [yolo] 17'}
+    assert 9 not in ls.prunable and 'feeds [yolo] 17' in ls.describe()
+
+
+def test_tiny_mode_refuses_shortcuts_pointing_to_shortcut_prune(tmp_path):
+    with pytest.raises(DarkslimError, match='shortcut_prune.py'):
+        get_layer_set(parse_cfg(write(tmp_path, 'm.cfg', mini_yolov3()))[1:], 2)
+
+
+def test_describe_lists_every_bn_conv_once(tmp_path):
+    defs = parse_cfg(write(tmp_path, 'm.cfg', mini_yolov3()))[1:]
+    ls = get_layer_set(defs, 'shortcut')
+    text = ls.describe()
+    bn = [i for i, d in enumerate(defs) if d['type'] == 'convolutional' and d.get('batch_normalize')]
+    rows = [line.split('|')[1].strip() for line in text.splitlines() if line.startswith('| ') and 'layer' not in line]
+    assert rows == [str(i) for i in bn]
+    assert f"{len(ls.groups)} shortcut groups" in text
+
+
+# --- invariant 1 (and 2): zero channels out -> same outputs ---------------------------------------------------------
+
+@pytest.mark.parametrize('path,mode,round_to', list(cases()))
+def test_removing_zero_channels_keeps_outputs(path, mode, round_to):
+    model = randomize_(Darknet(narrow_defs(path), img_size=(H, W)), seed=2).eval()
+    sparsify_(model, get_layer_set(model.module_defs, mode), share=0.4, seed=3, beta=0.0)
+    layer_set, plan, loose, compact = prune(model, mode, round_to, threshold=0.25)   # randomize_: |gamma| >= 0.5
+    assert all(k.any() for k in plan.keep.values())
+    assert sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in model.parameters())
+    x = image()
+    ref = raw_outputs(model, x)
+    assert max_diff(raw_outputs(compact, x), ref) < ATOL
+    assert max_diff(raw_outputs(compact, x), raw_outputs(loose, x)) < ATOL
+
+
+def test_full_width_yolov3_zero_channels_shortcut_prune():
+    model = randomize_(Darknet(REPO / 'cfg' / 'yolov3.cfg', img_size=64), seed=5).eval()
+    sparsify_(model, get_layer_set(model.module_defs, 1), share=0.5, seed=6)
+    _, plan, _, compact = prune(model, 'shortcut', threshold=0.25)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    assert max_diff(raw_outputs(compact, x), raw_outputs(model, x)) < ATOL
+    assert model_info(compact.defs)[1] < 0.6 * model_info(model.defs)[1]
+
+
+# --- invariant 2: compact == loose, always ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('mode,round_to', [('normal', None), ('shortcut', None), ('normal', 'pow2'), ('normal', 16)])
+@pytest.mark.parametrize('cfg', ['yolov3-spp.cfg', 'mini'])
+def test_compact_equals_loose_for_any_gamma_and_beta(cfg, mode, round_to, tmp_path):
+    defs = narrow_defs(REPO / 'cfg' / cfg) if cfg != 'mini' else parse_cfg(write(tmp_path, 'm.cfg', mini_yolov3()))
+    model = randomize_(Darknet(defs, img_size=(H, W)), seed=7).eval()
+    with torch.no_grad():              # beta far from 0, so removed channels carry large constants
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.bias.normal_(0, 1, generator=torch.Generator().manual_seed(m.num_features))
+    _, plan, loose, compact = prune(model, mode, round_to, percent=0.5, min_keep=1)
+    assert plan.removed_share > 0.1
+    x = image(4)
+    assert max_diff(raw_outputs(compact, x), raw_outputs(loose, x)) < ATOL
+
+
+# --- invariant 3: the fold is exact for 1x1 consumers ---------------------------------------------------------------
+
+@pytest.mark.parametrize('mode,round_to', [('normal', None), ('shortcut', None), ('normal', 'pow2')])
+def test_fold_of_nonzero_beta_is_exact_for_1x1_consumers(mode, round_to, tmp_path):
+    model = randomize_(Darknet(write(tmp_path, 'c.cfg', one_by_one_cfg())), seed=8).eval()
+    layer_set = get_layer_set(model.module_defs, mode)
+    assert layer_set.groups == ([[0, 2]] if mode == 'shortcut' else [])   # conv 0 + conv 2 -> [shortcut] 3
+    zeroed = sparsify_(model, layer_set, share=0.5, seed=9, beta='random')
+    _, plan, _, compact = prune(model, mode, round_to, threshold=0.25)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    ref = raw_outputs(model, x)
+    assert max_diff(raw_outputs(compact, x), ref) < ATOL
+    # the same channels dropped without folding their constants: outputs move, so the fold above did the work
+    assert sum(int((~torch.as_tensor(k)).sum()) for k in plan.keep.values()) > 0
+    unfolded = randomize_(Darknet(write(tmp_path, 'c.cfg', one_by_one_cfg())), seed=8).eval()
+    unfolded.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for i, idx in zeroed.items():
+            if i in plan.keep and not plan.keep[i][idx.numpy()].any():
+                unfolded.module_list[i][1].bias[idx] = 0
+    assert max_diff(raw_outputs(unfolded, x), ref) > 1e-2
+
+
+# --- invariant 4: masks --------------------------------------------------------------------------------------------
+
+def random_gamma_model(tmp_path, text=None, seed=10):
+    model = randomize_(Darknet(write(tmp_path, 'm.cfg', text or mini_yolov3())), seed=seed).eval()
+    with torch.no_grad():              # sparse-training-like: most |gamma| near 0, a tail near 1
+        g = torch.Generator().manual_seed(seed)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) ** 4 * torch.sign(torch.randn(
+                    m.num_features, generator=g)))
+    return model
+
+
+def test_shortcut_groups_keep_the_union_of_member_masks(tmp_path):
+    model = random_gamma_model(tmp_path)
+    ls = get_layer_set(model.module_defs, 'shortcut')
+    plan = make_plan(model, ls, 'shortcut', percent=0.4)
+    assert ls.groups
+    for group in ls.groups:
+        gammas = np.stack([model.module_list[i][1].weight.detach().abs().numpy() for i in group])
+        union = (gammas >= plan.threshold).any(0)
+        for i in group:
+            assert np.array_equal(plan.keep[i], union)
+        assert (~union).any() and not (gammas >= plan.threshold)[0].all()  # a real union, channels removed
+
+
+@pytest.mark.parametrize('round_to', ['pow2', 8, 32])
+def test_regular_counts_are_powers_of_two_or_multiples_filled_by_strongest(round_to, tmp_path):
+    model = random_gamma_model(tmp_path, seed=11)
+    ls = get_layer_set(model.module_defs, 'regular')
+    plan = make_plan(model, ls, 'regular', percent=0.6, min_keep=1, round_to=round_to)
+    for i, keep in plan.keep.items():
+        n, k = len(keep), int(keep.sum())
+        ok = (k & (k - 1)) == 0 if round_to == 'pow2' else k % round_to == 0
+        assert 1 <= k <= n and (ok or k == n), (i, k, n)
+        g = model.module_list[i][1].weight.detach().abs().numpy()
+        assert g[keep].min() >= g[~keep].max() if (~keep).any() else True   # the strongest channels are kept
+
+
+def test_too_high_percent_names_layers_and_the_highest_safe_percent(tmp_path):
+    model = random_gamma_model(tmp_path, seed=12)
+    ls = get_layer_set(model.module_defs, 'normal')
+    with pytest.raises(DarkslimError) as e:
+        make_plan(model, ls, 'normal', percent=0.95)
+    msg = str(e.value)
+    assert '\n' not in msg and 'would remove every channel of layer(s)' in msg
+    safe = float(msg.split('highest safe --percent is ')[1].split()[0])
+    named = [int(t.split()[0]) for t in msg.split('layer(s) ')[1].split(';')[0].split(', ')]
+    gmax = {i: model.module_list[i][1].weight.detach().abs().max().item() for i in ls.prunable}
+    assert min(gmax, key=gmax.get) in named
+    plan = make_plan(model, ls, 'normal', percent=safe)                     # the reported percent works...
+    assert all(k.any() for k in plan.keep.values())
+    with pytest.raises(DarkslimError):                                     # ...and is the highest that does
+        make_plan(model, ls, 'normal', percent=safe + 0.001 + 1 / sum(len(k) for k in plan.keep.values()))
+
+
+def test_min_keep_keeps_the_k_strongest_of_emptied_layers(tmp_path):
+    model = random_gamma_model(tmp_path, seed=12)
+    ls = get_layer_set(model.module_defs, 'normal')
+    plan = make_plan(model, ls, 'normal', percent=0.95, min_keep=3)
+    assert plan.topped_up
+    for i in plan.topped_up:
+        g = model.module_list[i][1].weight.detach().abs().numpy()
+        assert np.array_equal(np.flatnonzero(plan.keep[i]), np.sort(np.argsort(-g, kind='stable')[:3]))
+
+
+def test_threshold_and_percent_agree(tmp_path):
+    model = random_gamma_model(tmp_path, seed=13)
+    ls = get_layer_set(model.module_defs, 'shortcut')
+    by_percent = make_plan(model, ls, 'shortcut', percent=0.3)
+    by_threshold = make_plan(model, ls, 'shortcut', threshold=by_percent.threshold)
+    assert all(np.array_equal(by_percent.keep[i], by_threshold.keep[i]) for i in ls.prunable)
+    # and the other way round: the share of channels under a threshold, asked as a percent, gives the same cut
+    by_threshold = make_plan(model, ls, 'shortcut', threshold=0.05)
+    flat = np.concatenate([model.module_list[i][1].weight.detach().abs().numpy() for i in ls.prunable])
+    by_percent = make_plan(model, ls, 'shortcut', percent=float((flat < 0.05).mean()))
+    assert all(np.array_equal(by_percent.keep[i], by_threshold.keep[i]) for i in ls.prunable)
+    assert threshold_for_percent(flat, 0.0) == 0.0
+
+
+def test_ties_at_the_cut_go_together_without_crashing(tmp_path):
+    model = randomize_(Darknet(write(tmp_path, 't.cfg', mini_tiny())), seed=14).eval()
+    ls = get_layer_set(model.module_defs, 'tiny')
+    with torch.no_grad():
+        for i in ls.prunable:                  # |gamma| in {0.25, 0.5, 0.75, 1.0}: huge ties
+            bn = model.module_list[i][1]
+            bn.weight.copy_(((torch.arange(bn.num_features) % 4) + 1) * 0.25)
+    plan = make_plan(model, ls, 'tiny', percent=0.3)
+    # 30% asked; the quarter at 0.25 and the tie at 0.5 straddle the cut: all channels at 0.5 go too
+    for i in ls.prunable:
+        g = model.module_list[i][1].weight.detach().numpy()
+        assert np.array_equal(plan.keep[i], g > 0.5)
+    assert math.isclose(plan.threshold, 0.625)
+
+
+# --- CLI: files, OpenCV, inputs untouched --------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def narrow_v3(tmp_path_factory):
+    """A narrow yolov3 (cfg + darknet .weights) with 40% of the prunable channels at gamma = beta = 0."""
+    d = tmp_path_factory.mktemp('v3')
+    defs = narrow_defs(REPO / 'cfg' / 'yolov3.cfg', nc=3, div=8, height=H, width=W)
+    model = randomize_(Darknet(defs), seed=15).eval()
+    sparsify_(model, get_layer_set(model.module_defs, 'shortcut'), share=0.4, seed=16)
+    cfg = write_cfg(d / 'v3.cfg', defs)
+    return cfg, save_weights(model, d / 'v3.weights'), model
+
+
+@pytest.mark.parametrize('script,extra', [('shortcut_prune.py', []), ('regular_prune.py', ['--round-to', '8'])])
+def test_cli_writes_a_model_darknet_and_opencv_load(script, extra, narrow_v3, tmp_path):
+    cfg, weights, model = narrow_v3
+    before = digest(cfg), digest(weights)
+    out = tmp_path / 'out' / 'p'
+    r = run_cli(script, '--cfg', cfg, '--weights', weights, '--percent', '0.3', '--latency-runs', '1',
+                '--out', out, *extra)
+    assert r.returncode == 0, r.stderr
+    assert (digest(cfg), digest(weights)) == before                                  # inputs untouched
+    assert 'mAP skipped' in r.stdout
+    written = load_model(f'{out}.cfg', f'{out}.weights')
+    from_pt = load_model(None, f'{out}.pt')
+    x = image(5)
+    ref = raw_outputs(model, x)
+    assert max_diff(raw_outputs(written, x), ref) < ATOL                              # gamma = beta = 0 removed
+    assert max_diff(raw_outputs(from_pt, x), ref) < ATOL
+    # the written .weights are what OpenCV reads: our loader's save is byte-identical to them
+    assert save_weights(written, tmp_path / 'again.weights').read_bytes() == Path(f'{out}.weights').read_bytes()
+    (tmp_path / 'cv').mkdir()
+    assert_matches_opencv(written, f'{out}.cfg', tmp_path / 'cv', H, W)
+    src, dst = parse_cfg(cfg), parse_cfg(f'{out}.cfg')
+    assert [d.get('anchors') for d in dst] == [d.get('anchors') for d in src]
+    for a, b in zip(src, dst):                                       # only conv filters may change
+        assert {k: v for k, v in a.items() if k != 'filters'} == {k: v for k, v in b.items() if k != 'filters'}
+    report = json.loads(Path(f'{out}.json').read_text())
+    assert report['after']['weights_bytes'] == Path(f'{out}.weights').stat().st_size
+    assert (report['after']['params'], report['after']['bflops']) == pytest.approx(model_info(dst))
+    assert report['before']['params'] == model_info(src)[0] and report['map'] is None
+    rows = {r['layer']: r for r in report['plan']['layers']}
+    assert all(rows[i]['after'] == dst[i + 1]['filters'] for i in rows)
+    png = cv2.imread(f'{out}-channels.png')
+    assert png is not None and png.shape[1] >= 640
+
+
+def test_cli_tiny_from_pt_checkpoint_without_cfg(tmp_path):
+    model = randomize_(Darknet(write(tmp_path, 't.cfg', mini_tiny(nc=4))), seed=17).eval()
+    sparsify_(model, get_layer_set(model.module_defs, 'tiny'), share=0.3, seed=18)
+    pt = save_checkpoint(tmp_path / 'sparse.pt', model)
+    before = digest(pt)
+    r = run_cli('tiny_prune.py', '--weights', pt, '--threshold', '0.25', '--latency-runs', '1',
+                '--out', tmp_path / 'p')
+    assert r.returncode == 0, r.stderr
+    assert digest(pt) == before
+    x = torch.rand(1, 3, 96, 96)
+    assert max_diff(raw_outputs(load_model(tmp_path / 'p.cfg', tmp_path / 'p.weights'), x),
+                    raw_outputs(model, x)) < ATOL
+    assert_matches_opencv(load_model(tmp_path / 'p.cfg', tmp_path / 'p.weights'), tmp_path / 'p.cfg', tmp_path,
+                          96, 96)
+
+
+def one_line_error(r):
+    return r.returncode == 2 and 'Traceback' not in r.stderr and r.stderr.strip().count('\n') == 0
+
+
+def test_cli_too_high_percent_is_one_line_exit_2_without_output(narrow_v3, tmp_path):
+    cfg, weights, _ = narrow_v3
+    r = run_cli('normal_prune.py', '--cfg', cfg, '--weights', weights, '--percent', '0.99', '--out',
+                tmp_path / 'p')
+    assert one_line_error(r), r.stderr
+    assert 'highest safe --percent is' in r.stderr and r.stdout == ''
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_without_arguments_prunes_weights_last_pt_or_says_what_to_pass(tmp_path):
+    r = run_cli('shortcut_prune.py', cwd=tmp_path)
+    assert one_line_error(r) and 'weights/last.pt' in r.stderr and '--weights' in r.stderr
+    model = randomize_(Darknet(write(tmp_path, 'm.cfg', mini_yolov3(nc=2))), seed=19).eval()
+    (tmp_path / 'weights').mkdir()
+    save_checkpoint(tmp_path / 'weights' / 'last.pt', model)
+    r = run_cli('shortcut_prune.py', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / 'weights' / 'last-shortcut-0.5'
+    assert all(Path(f'{out}{ext}').is_file() for ext in ('.cfg', '.weights', '.pt', '.json', '-channels.png'))
+    assert json.loads(Path(f'{out}.json').read_text())['plan']['percent'] == 0.5
+
+
+def test_cli_refuses_to_overwrite_its_input(narrow_v3):
+    cfg, weights, _ = narrow_v3
+    r = run_cli('normal_prune.py', '--cfg', cfg, '--weights', weights, '--out', str(cfg)[:-4])
+    assert one_line_error(r) and 'is an input' in r.stderr
+
+
+def test_cli_with_data_reports_map_of_original_loose_and_compact(tmp_path):
+    if not (REPO / 'test.py').is_file():
+        pytest.skip('test.py (mAP evaluation) not written yet')
+    from data.make_shapes import make_shapes
+    data = make_shapes(tmp_path / 'shapes', n_train=1, n_val=6, img_size=64, seed=1)
+    nc = 5                                                   # make_shapes' class count
+    model = randomize_(Darknet(write(tmp_path, 't.cfg', mini_tiny(nc=nc, width=64, height=64))), seed=20).eval()
+    with torch.no_grad():                  # objectness high enough that some boxes pass conf-thres 0.001
+        for i in model.yolo_layers:
+            model.module_list[i - 1][0].bias.fill_(0.5)
+    sparsify_(model, get_layer_set(model.module_defs, 'tiny'), share=0.3, seed=21)
+    pt = save_checkpoint(tmp_path / 's.pt', model)
+    r = run_cli('tiny_prune.py', '--weights', pt, '--data', data, '--threshold', '0.25', '--img-size', 64,
+                '--latency-runs', '1', '--out', tmp_path / 'p')
+    assert r.returncode == 0, r.stderr
+    maps = json.loads((tmp_path / 'p.json').read_text())['map']
+    assert set(maps) == {'original', 'loose', 'compact'}
+    # gamma = beta = 0 channels removed: the three models detect the same boxes, so the same mAP
+    for key in ('mAP50', 'mAP50_95'):
+        assert maps['compact'][key] == pytest.approx(maps['original'][key], abs=1e-6)
+        assert maps['loose'][key] == pytest.approx(maps['original'][key], abs=1e-6)
+    assert 'mAP@0.5' in r.stdout
