@@ -98,6 +98,7 @@ class YOLOLayer(nn.Module):
 
     def __init__(self, anchors, nc, scale_x_y=1.0):
         super().__init__()
+        self.anchor_list = [tuple(a) for a in anchors]  # pixels; the buffer below is rebuilt from it
         self.register_buffer('anchors', torch.tensor(anchors, dtype=torch.float32).view(-1, 2), persistent=False)
         self.na, self.nc, self.no = len(anchors), nc, nc + 5
         self.scale_x_y = float(scale_x_y)
@@ -165,7 +166,9 @@ class Darknet(nn.Module):
     eval: `model(x)` -> (inference [B, N, 5+nc], raw [per yolo layer: B, na, H, W, 5+nc]); train: raw.
     """
 
-    def __init__(self, cfg, img_size=None):
+    def __init__(self, cfg, img_size=None, init_weights=True):
+        """`init_weights=False` skips PyTorch's random init (tensors hold garbage until loaded): for callers
+        that load every parameter and running statistic next, as `load_model` does."""
         super().__init__()
         if isinstance(cfg, (str, os.PathLike)):
             defs = parse_cfg(cfg)
@@ -178,7 +181,18 @@ class Darknet(nn.Module):
             img_size = (net['height'], net['width'])  # infer_shapes has checked both are set
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.in_channels = net.get('channels', 3)
-        self.module_list = create_modules(self.module_defs, self.in_channels)
+        if init_weights:
+            self.module_list = create_modules(self.module_defs, self.in_channels)
+        else:
+            with torch.device('meta'):
+                self.module_list = create_modules(self.module_defs, self.in_channels)
+            self.module_list.to_empty(device='cpu')
+            with torch.no_grad():
+                for m in self.module_list:
+                    if isinstance(m, YOLOLayer):
+                        m.anchors.copy_(torch.tensor(m.anchor_list, dtype=torch.float32))
+                    elif isinstance(m, nn.Sequential) and isinstance(m[1], nn.BatchNorm2d):
+                        m[1].num_batches_tracked.zero_()
         self.inputs = [layer_inputs([None] + self.module_defs, i) for i in range(len(self.module_defs))]
         # keep only outputs some later layer reads out of order (route/shortcut sources)
         self.keep = sorted({j for i, ins in enumerate(self.inputs) for j in ins
@@ -283,19 +297,28 @@ def load_checkpoint(model, path):
     return ckpt
 
 
-def cfg_from_checkpoint(path):
-    """The cfg sections stored in a .pt checkpoint."""
-    ckpt = read_checkpoint(path)
+def checkpoint_cfg(ckpt, path):
+    """The cfg sections stored in a checkpoint dict read from `path`."""
     if 'cfg' not in ckpt:
         raise DarkslimError(f"{path}: checkpoint stores no cfg; pass --cfg")
     return parse_cfg_text(ckpt['cfg'], f"{path}[cfg]")
 
 
-def load_weights_any(model, path, cutoff=None):
-    """Load `.pt` or darknet `.weights` into `model`, deciding by content."""
+def cfg_from_checkpoint(path):
+    """The cfg sections stored in a .pt checkpoint."""
+    return checkpoint_cfg(read_checkpoint(path), path)
+
+
+def check_weights_path(path):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DarkslimError(f"{path}: no such weights file")
+    return path
+
+
+def load_weights_any(model, path, cutoff=None):
+    """Load `.pt` or darknet `.weights` into `model`, deciding by content."""
+    path = check_weights_path(path)
     if is_torch_file(path):
         if cutoff is not None:
             raise DarkslimError(f"{path}: --cutoff applies to darknet .weights, not .pt checkpoints")
@@ -306,13 +329,23 @@ def load_weights_any(model, path, cutoff=None):
 def load_model(cfg, weights=None, device='cpu', img_size=None, cutoff=None):
     """Build a Darknet from `cfg` (path or sections; None = the cfg stored in a .pt `weights`), load
     `weights` (.weights or .pt, by content) and return it on `device` in eval mode."""
-    if cfg is None:
-        if weights is None or not is_torch_file(weights):
+    if weights is None:
+        if cfg is None:
             raise DarkslimError("no cfg given; expected --cfg, or a .pt checkpoint that stores one")
-        cfg = cfg_from_checkpoint(weights)
-    model = Darknet(cfg, img_size)
-    if weights is not None:
-        load_weights_any(model, weights, cutoff)
+        return Darknet(cfg, img_size).to(device).eval()
+    weights = check_weights_path(weights)
+    full = cutoff is None  # every tensor comes from the file: skip the random init
+    if is_torch_file(weights):
+        if cutoff is not None:
+            raise DarkslimError(f"{weights}: --cutoff applies to darknet .weights, not .pt checkpoints")
+        ckpt = read_checkpoint(weights)
+        model = Darknet(checkpoint_cfg(ckpt, weights) if cfg is None else cfg, img_size, init_weights=False)
+        load_state_checked(model, ckpt['model'], weights)
+    else:
+        if cfg is None:
+            raise DarkslimError(f"{weights}: darknet .weights store no cfg; expected --cfg")
+        model = Darknet(cfg, img_size, init_weights=not full)
+        load_darknet_weights(model, weights, cutoff)
     return model.to(device).eval()
 
 
@@ -377,8 +410,16 @@ def summary(cfg, weights=None, img_size=None):
     return params, bflops
 
 
+def refuse_overwrite(out, *inputs):
+    """Inputs are never modified: refuse an output path that names one of them."""
+    for p in inputs:
+        if p is not None and os.path.exists(out) and os.path.exists(p) and os.path.samefile(out, p):
+            raise DarkslimError(f"--out {out} is the input {p}; expected a new path (inputs are never modified)")
+
+
 def convert(cfg, weights, out):
     """`.pt` <-> `.weights`: the output format follows `out`'s extension."""
+    refuse_overwrite(out, weights, cfg)
     model = load_model(cfg, weights)
     if os.path.splitext(out)[1] == '.pt':
         save_checkpoint(out, model)
@@ -392,6 +433,7 @@ def make_cfg(base, classes, out):
     """The same network for `classes` classes: each conv feeding a [yolo] gets len(mask)*(classes+5) filters."""
     if classes < 1:
         raise DarkslimError(f"--classes {classes}; expected a positive class count")
+    refuse_overwrite(out, base)
     defs = parse_cfg(base)
     for i, d in enumerate(defs[1:]):
         if d['type'] != 'yolo':

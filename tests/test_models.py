@@ -55,8 +55,8 @@ BAD_CFGS = [
     ("[net]\nwidth=32\n[convolutionl]\nfilters=4\n", 3, "unknown section [convolutionl]"),
     ("width=32\n[net]\n", 1, "before the first section"),
     ("[net]\nwidth 32\n", 2, "has no '='"),
-    ("[net]\nheight=32\nwidth=32\n[convolutional]\nfilters=4\n[route]\nlayers=-5\n", 6, "refers to layer -4"),
-    ("[net]\nheight=32\nwidth=32\n[convolutional]\nfilters=4\n[shortcut]\nfrom=3\n", 6, "refers to layer 3"),
+    ("[net]\nheight=32\nwidth=32\n[convolutional]\nfilters=4\n[route]\nlayers=-5\n", 7, "layers=-5 refers to layer -4"),
+    ("[net]\nheight=32\nwidth=32\n[convolutional]\nfilters=4\n[shortcut]\nfrom=3\n", 7, "from=3 refers to layer 3"),
     ("[net]\nheight=32\nwidth=32\n[convolutional]\nfilters=20\n[yolo]\nmask=0,1\nanchors=1,2,3,4\nclasses=3\n", 6,
      "expected len(mask)*(classes+5) = 2*(3+5) = 16"),
     ("[net]\nheight=32\nwidth=32\n[convolutional]\nfilters=4\nactivation=gelu\n", 6, "activation='gelu'"),
@@ -340,3 +340,33 @@ def test_source_has_no_hard_coded_class_count_or_layer_index():
     for name in ['models.py', 'utils/parse_config.py', 'utils/darknet_weights.py']:
         text = (REPO / name).read_text()
         assert not re.search(r'\b(255|80|416)\b', text), name
+
+
+def test_load_model_without_random_init_equals_the_plain_route(tmp_path):
+    # load_model skips PyTorch's random init when the file provides every tensor; the result must not depend on it
+    cfg = write(tmp_path, 'm.cfg', mini_yolov3(nc=3))
+    ref = randomize_(Darknet(cfg), seed=8).eval()
+    w = save_weights(ref, tmp_path / 'm.weights')
+    fast = load_model(cfg, w)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(fast.state_dict()[k], v), k
+    assert torch.equal(fast.module_list[fast.yolo_layers[0]].anchors, ref.module_list[ref.yolo_layers[0]].anchors)
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(fast(x)[0], ref(x)[0])
+
+
+@pytest.mark.parametrize('argv', [
+    ['convert', '--cfg', '{cfg}', '--weights', '{w}', '--out', '{w}'],
+    ['make-cfg', '--base', '{cfg}', '--classes', '2', '--out', '{cfg}'],
+    ['convert', '--weights', '{missing}', '--out', '{out}'],
+])
+def test_cli_refuses_to_overwrite_inputs_and_names_missing_files(argv, tmp_path):
+    cfg = write(tmp_path, 'm.cfg', mini_tiny(nc=2))
+    w = save_weights(randomize_(Darknet(cfg)), tmp_path / 'm.weights')
+    before = (cfg.read_bytes(), w.read_bytes())
+    names = {'cfg': cfg, 'w': w, 'missing': tmp_path / 'nope.pt', 'out': tmp_path / 'o.weights'}
+    r = subprocess.run([sys.executable, 'models.py'] + [a.format(**names) for a in argv], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr and r.stderr.strip().count('\n') == 0
+    assert (cfg.read_bytes(), w.read_bytes()) == before

@@ -25,6 +25,11 @@ from utils.io import atomic_path
 DEFAULT_HEADER = (0, 2, 0, 0)  # major, minor, revision, seen: what darknet itself writes today
 
 
+def seen_is_int64(major, minor):
+    """darknet parser.c: `seen` is uint64 when (major*10 + minor) >= 2 and major < 1000 and minor < 1000."""
+    return (major * 10 + minor) >= 2 and major < 1000 and minor < 1000
+
+
 def conv_tensors(module_defs, module_list, cutoff=None):
     """[(layer index, [tensors in file order])] for every conv layer below `cutoff`."""
     stop = len(module_defs) if cutoff is None else cutoff
@@ -47,8 +52,7 @@ def read_header(f):
     if ver.size < 3:
         raise DarkslimError(f"{f.name}: {ver.size * 4} bytes; expected a 12-byte darknet header at least")
     major, minor, revision = (int(v) for v in ver)
-    wide = (major * 10 + minor) >= 2 and major < 1000 and minor < 1000
-    seen = np.fromfile(f, dtype=np.int64 if wide else np.int32, count=1)
+    seen = np.fromfile(f, dtype=np.int64 if seen_is_int64(major, minor) else np.int32, count=1)
     if seen.size < 1:
         raise DarkslimError(f"{f.name}: header ends early; expected the 'seen' counter")
     return major, minor, revision, int(seen[0])
@@ -62,6 +66,8 @@ def load_darknet_weights(model, path, cutoff=None):
     layer that does not fit (darknet and OpenCV load such files silently and compute garbage).
     """
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DarkslimError(f"{path}: no such weights file")
     with open(path, 'rb') as f:
         header = read_header(f)
         body = np.fromfile(f, dtype=np.float32)
@@ -100,7 +106,7 @@ def save_weights(model, path, cutoff=None):
     """
     major, minor, revision, seen = getattr(model, 'header', None) or DEFAULT_HEADER
     seen = int(getattr(model, 'seen', seen) or seen)
-    wide = (major * 10 + minor) >= 2 and major < 1000 and minor < 1000
+    wide = seen_is_int64(major, minor)
     parts = [t.detach().to('cpu', torch.float32).reshape(-1)
              for _, ts in conv_tensors(model.module_defs, model.module_list, cutoff) for t in ts]
     body = torch.cat(parts).numpy() if parts else np.zeros(0, np.float32)
@@ -110,3 +116,10 @@ def save_weights(model, path, cutoff=None):
             np.array([seen], dtype=np.int64 if wide else np.int32).tofile(f)
             body.tofile(f)
     return path
+
+
+def weights_file_size(model, cutoff=None):
+    """Bytes `save_weights(model, path, cutoff)` writes (header + float32 body), without writing."""
+    major, minor = (getattr(model, 'header', None) or DEFAULT_HEADER)[:2]
+    n = sum(t.numel() for _, ts in conv_tensors(model.module_defs, model.module_list, cutoff) for t in ts)
+    return 12 + (8 if seen_is_int64(major, minor) else 4) + 4 * n

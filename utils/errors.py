@@ -15,5 +15,13 @@ def cli_main(main, args):
     try:
         return main(args)
     except DarkslimError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # raised in a DataLoader worker, torch re-raises it with the worker's traceback in the message:
+        # keep only our own last line
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        print(f"error: {msg.removeprefix('utils.errors.DarkslimError: ')}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a path the user named cannot be read or written
+        if e.filename is None:
+            raise
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
         sys.exit(2)

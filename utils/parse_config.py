@@ -53,9 +53,13 @@ class Section(dict):
     def __init__(self, *args, file=None, line=None, **kw):
         super().__init__(*args, **kw)
         self.file, self.line = file, line
+        self.lines = {}  # key -> line number it was read from
 
-    def where(self):
-        return f"{self.file}:{self.line}" if self.file else f"[{self['type']}]"
+    def where(self, key=None):
+        """'file:line' of the section header, or of `key` when it was read from a file."""
+        if not self.file:
+            return f"[{self['type']}]"
+        return f"{self.file}:{self.lines.get(key, self.line)}"
 
 
 def _number(text):
@@ -120,6 +124,7 @@ def parse_cfg_text(text, path='<cfg>'):
         if key == 'activation' and value not in ACTIVATIONS:
             raise DarkslimError(f"{where}: activation={value!r}; expected one of " + ', '.join(sorted(ACTIVATIONS)))
         sec[key] = _typed(key, value, where)
+        sec.lines[key] = n
     if not defs:
         raise DarkslimError(f"{path}: no sections; expected [net] followed by layers")
     return defs
@@ -212,7 +217,10 @@ def infer_shapes(defs, height=None, width=None):
         ins = layer_inputs(defs, i)
         for j in ins:
             if not 0 <= j < i:
-                raise DarkslimError(f"{where}: [{d['type']}] refers to layer {j}; expected a layer in 0..{i - 1}")
+                key = 'layers' if d['type'] == 'route' else 'from'
+                given = ','.join(map(str, d[key]))
+                raise DarkslimError(f"{d.where(key)} (layer {i}): {key}={given} refers to layer {j}; expected "
+                                    f"a layer in 0..{i - 1} (negative indices count back from this layer)")
         t = d['type']
         if d.get('activation', 'logistic') not in ACTIVATIONS:  # sections built in code, not parsed
             raise DarkslimError(f"{where}: activation={d['activation']!r}; expected one of "

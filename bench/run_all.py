@@ -1,0 +1,41 @@
+"""Run every benchmark of the project and rewrite bench/results/*.json (what `make bench` runs).
+
+    python bench/run_all.py [--only io prune eval train]
+
+Each script prints its own table; this prints which ones ran and how long they took. The README's numbers
+come from the JSON files these write (each with machine, date and git commit).
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHES = {'io': 'bench/io_bench.py', 'prune': 'bench/prune_bench.py', 'eval': 'bench/eval_bench.py',
+           'train': 'bench/train_bench.py'}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--only', nargs='+', choices=sorted(BENCHES), help='run only these')
+    return p
+
+
+def main(args):
+    failed = []
+    for name in args.only or BENCHES:
+        print(f"\n=== {name}: {BENCHES[name]}", flush=True)
+        t = time.perf_counter()
+        rc = subprocess.run([sys.executable, BENCHES[name]], cwd=REPO).returncode
+        print(f"=== {name}: exit {rc} in {time.perf_counter() - t:.0f} s", flush=True)
+        if rc:
+            failed.append(name)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main(get_args_parser().parse_args()))
