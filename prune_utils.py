@@ -7,6 +7,8 @@ Three steps with small interfaces, shared by normal_prune.py, regular_prune.py, 
 2. `make_plan(model, layer_set, ...) -> Plan`: a global |gamma| threshold -> a keep mask per prunable conv.
 3. `loose_model(model, plan)` (full size, removed channels zeroed, constants folded) and
    `compact_model(model, plan)` (the smaller network; its cfg is `compact.defs`).
+The scripts are `get_args_parser()` (`add_prune_args`) + `main(args)` = `run(args, strategy)`: the three steps,
+then the report (params, BFLOPs, .weights size, CPU latency, optional mAP) and the output files.
 
 Channel provenance.  Every layer's output channels are traced back to "nodes": [convolutional] layers (their
 BN channels), [shortcut] layers (channel-wise sums), or the image (node -1).  [maxpool], [upsample] and
@@ -24,9 +26,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from terminaltables import AsciiTable
 
+import models
+from utils.darknet_weights import save_weights, weights_file_size
 from utils.errors import DarkslimError
-from utils.parse_config import layer_inputs
+from utils.io import write_bytes_atomic, write_text_atomic
+from utils.parse_config import layer_inputs, write_cfg
 
 MODES = {0: 'normal', 1: 'shortcut', 2: 'tiny', 'normal': 'normal', 'regular': 'normal', 'shortcut': 'shortcut',
          'tiny': 'tiny', '0': 'normal', '1': 'shortcut', '2': 'tiny'}
@@ -61,7 +67,6 @@ class LayerSet:
 
     def describe(self):
         """A printable per-layer list (every BN conv: prunable, with its group, or excluded with the reason)."""
-        from terminaltables import AsciiTable
         rows = [['layer', 'filters', 'status', 'group / reason']]
         for i in sorted(set(self.prunable) | set(self.excluded)):
             if i in self.excluded:
@@ -200,8 +205,9 @@ def shortcut_groups(graph):
     return uf, coupled_by
 
 
-def get_layer_set(module_defs, mode):
+def get_layer_set(module_defs, mode, in_channels=3):
     """The prunable conv layers for `mode` (0|1|2 or 'normal'|'shortcut'|'tiny'; 'regular' uses normal).
+    `in_channels`: the image's channels ([net] channels, `model.in_channels`).
 
     A prunable conv has BN and none of its channels reach a [yolo] layer (nor a grouped [route]/conv).
       normal:   prunable convs not coupled by a [shortcut] (neither one of its inputs, directly or through
@@ -214,7 +220,7 @@ def get_layer_set(module_defs, mode):
         raise DarkslimError(f"prune mode {mode!r}; expected 0|1|2 or normal|regular|shortcut|tiny")
     mode = MODES[mode]
     defs = list(module_defs)
-    graph = Graph(defs)
+    graph = Graph(defs, in_channels)
     shortcuts = [i for i, d in enumerate(defs) if d['type'] == 'shortcut']
     if mode == 'tiny' and shortcuts:
         d = defs[shortcuts[0]]
@@ -297,11 +303,10 @@ class Plan:
         return out
 
     def table(self):
-        from terminaltables import AsciiTable
+        plan_rows = self.rows()
         rows = [['layer', 'channels', 'kept', 'group']]
-        rows += [[i, f"{a} -> {b}", f"{s:.0%}", g] for i, a, b, s, g in self.rows()]
-        before = sum(r[1] for r in self.rows())
-        after = sum(r[2] for r in self.rows())
+        rows += [[i, f"{a} -> {b}", f"{s:.0%}", g] for i, a, b, s, g in plan_rows]
+        before, after = sum(r[1] for r in plan_rows), sum(r[2] for r in plan_rows)
         return (AsciiTable(rows).table + f"\nthreshold |gamma| < {self.threshold:.6g}: {before} -> {after} "
                 f"prunable channels ({self.removed_share:.1%} removed)")
 
@@ -338,6 +343,19 @@ def threshold_for_percent(scores, percent):
     return float((lo + above[0]) / 2) if above.size else float(np.nextafter(lo, np.inf))
 
 
+def _no_prunable_message(layer_set):
+    """One line: why no conv of the cfg may lose channels in this mode (first reasons), and what to try."""
+    ex = sorted(layer_set.excluded.items())
+    if not ex:
+        return f"no prunable layers in {layer_set.mode} mode: the cfg has no batch-normalized [convolutional]; " \
+               "expected BN convs (their gamma decide which channels go)"
+    why = '; '.join(f"layer {i}: {r}" for i, r in ex[:4]) + (f"; and {len(ex) - 4} more" if len(ex) > 4 else '')
+    hint = ' (shortcut_prune.py prunes shortcut-coupled convs)' if layer_set.mode == 'normal' and any(
+        r.startswith('coupled by [shortcut]') for _, r in ex) else ''
+    return (f"no prunable layers in {layer_set.mode} mode: all {len(ex)} BN convs are excluded ({why}); expected "
+            f"at least one BN conv free of these constraints{hint}")
+
+
 def _units(layer_set):
     """Mask-sharing units: each shortcut group, then every ungrouped prunable conv alone."""
     grouped = {i for g in layer_set.groups for i in g}
@@ -359,8 +377,9 @@ def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep
     |gamma|; channels with |gamma| < threshold go).  A shortcut group keeps the union of its members' masks
     (a channel goes only when every member would drop it).  A unit the threshold would empty raises a
     one-line DarkslimError naming the layers and the highest safe --percent, unless `min_keep` K is given: then
-    units keeping fewer than K channels keep their K highest-|gamma| ones.  `round_to` ('pow2' or N) rounds
-    each unit's kept count up, filling with the highest-|gamma| channels (never past the layer's size).
+    such a unit keeps its K highest-|gamma| channels (units keeping at least one channel are left as cut).
+    `round_to` ('pow2' or N) rounds each unit's kept count up, filling with the highest-|gamma| channels (never
+    past the layer's size).
     """
     if (percent is None) == (threshold is None):
         raise DarkslimError("give exactly one of --percent P and --threshold T")
@@ -369,7 +388,7 @@ def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep
     if round_to not in (None, 'pow2') and (not isinstance(round_to, int) or round_to < 1):
         raise DarkslimError(f"--round-to {round_to}; expected a positive channel count such as 8, 16 or 32")
     if not layer_set.prunable:
-        raise DarkslimError(f"no prunable layers in {layer_set.mode} mode; see the layer list above")
+        raise DarkslimError(_no_prunable_message(layer_set))
     scores = bn_scores(model, layer_set.prunable)
     flat = np.concatenate([scores[i] for i in layer_set.prunable])
     if threshold is None:
@@ -379,27 +398,25 @@ def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep
     units = _units(layer_set)
     unit_score = [np.max(np.stack([scores[i] for i in u]), 0) for u in units]   # [filters] per unit
     keeps = [s >= threshold for s in unit_score]
-    empty = [u for u, k in zip(units, keeps) if not k.any()]
+    empty = [(u, s) for u, s, k in zip(units, unit_score, keeps) if not k.any()]
     if empty and min_keep is None:
         worst = min(float(s.max()) for s in unit_score)
         safe = math.floor(np.sum(flat < worst) / len(flat) * 1000) / 1000
         asked = f"--percent {percent}" if percent is not None else f"--threshold {threshold:g}"
-        names = ', '.join('+'.join(map(str, u)) + f" (max |gamma| {float(np.max([scores[i] for i in u])):.3g})"
-                          for u in empty[:6]) + (f" and {len(empty) - 6} more" if len(empty) > 6 else '')
+        names = ', '.join('+'.join(map(str, u)) + f" (max |gamma| {s.max():.3g})" for u, s in empty[:6]) \
+            + (f" and {len(empty) - 6} more" if len(empty) > 6 else '')
         raise DarkslimError(f"{asked} would remove every channel of layer(s) {names}; the highest safe "
                             f"--percent is {safe} (or --threshold up to {worst:.6g}), or pass --min-keep K to keep "
                             "the K strongest channels of such layers")
     topped = []
     for n, (u, s) in enumerate(zip(units, unit_score)):
-        order = np.argsort(-s, kind='stable')       # strongest first; ties by channel index
-        want = int(keeps[n].sum())
-        if min_keep is not None and want < min_keep:
-            want = min(min_keep, len(s))
+        cut = int(keeps[n].sum())
+        if cut == 0:                                # emptied: only reached with min_keep (see above)
             topped += u
-        want = _round_up(want, len(s), round_to)
-        if want != int(keeps[n].sum()):
+        want = _round_up(cut or min(min_keep, len(s)), len(s), round_to)
+        if want != cut:
             k = np.zeros(len(s), bool)
-            k[order[:want]] = True
+            k[np.argsort(-s, kind='stable')[:want]] = True     # strongest first; ties by channel index
             keeps[n] = k
     keep = {i: keeps[n].copy() for n, u in enumerate(units) for i in u}
     removed = sum(int((~keep[i]).sum()) for i in layer_set.prunable)
@@ -508,8 +525,7 @@ def compact_model(model, plan, loose=None):
     included), so its output equals the loose model's."""
     loose = loose_model(model, plan) if loose is None else loose
     flow = channel_flow(model, plan.keep)
-    from models import Darknet
-    small = Darknet(compact_defs(model, plan), img_size=model.img_size).eval()
+    small = models.Darknet(compact_defs(model, plan), img_size=model.img_size).eval()
     with torch.no_grad():
         for i, d in enumerate(model.module_defs):
             if d['type'] != 'convolutional':
@@ -546,9 +562,12 @@ def add_prune_args(p, strategy):
     p.add_argument('--data', help='.data file: evaluate mAP of the original, loose and compact models')
     how = p.add_mutually_exclusive_group()
     how.add_argument('--percent', type=float,
-                     help=f"share of prunable channels to remove (default {0.3 if strategy == 'tiny' else 0.5})")
+                     help=f"share of prunable channels to remove (default {default_percent(strategy)})")
     how.add_argument('--threshold', type=float, help='remove channels with |gamma| below this')
-    p.add_argument('--min-keep', type=int, help='keep the K strongest channels of a layer the cut would empty')
+    p.add_argument('--min-keep', type=int, metavar='K',
+                   help='off by default: a layer the cut would empty stops the prune with an error; with K, such '
+                        'a layer keeps its K highest-|gamma| channels and the prune goes on (other layers are '
+                        'left as cut)')
     if strategy == 'regular':
         p.add_argument('--round-to', type=int,
                        help='round kept counts up to a multiple of N (8/16/32); default: a power of two')
@@ -556,12 +575,25 @@ def add_prune_args(p, strategy):
     p.add_argument('--batch-size', type=int, default=16, help='batch size for mAP evaluation')
     p.add_argument('--device', default='cpu', help='cpu | cuda | cuda:N (mAP evaluation)')
     p.add_argument('--latency-runs', type=int, default=5, help='timed CPU forward passes per model (0 = skip)')
-    p.add_argument('--out', help='output prefix (default weights/<cfg stem>-<strategy>-<percent or threshold>)')
+    p.add_argument('--out', help='output prefix (default weights/<cfg stem>-<strategy>-<percent or t<threshold>>'
+                                 '[-pow2 | -r<N> for regular])')
     return p
 
 
+def default_percent(strategy):
+    return 0.3 if strategy == 'tiny' else 0.5
+
+
+def round_to_of(args, strategy):
+    """regular: --round-to N, or 'pow2' without it; other strategies never round."""
+    if strategy != 'regular':
+        return None
+    return 'pow2' if args.round_to is None else args.round_to
+
+
 def resolve_inputs(args, strategy):
-    """(cfg or None, weights, output prefix) from the arguments; with no --weights, train.py's weights/last.pt."""
+    """(cfg or None, weights, output prefix, percent or None) from the arguments (not modified); with no
+    --weights, train.py's weights/last.pt; with neither --percent nor --threshold, the strategy's percent."""
     weights = args.weights
     if weights is None:
         if not os.path.isfile(DEFAULT_WEIGHTS):
@@ -570,69 +602,95 @@ def resolve_inputs(args, strategy):
         weights = DEFAULT_WEIGHTS
     if not os.path.isfile(weights):
         raise DarkslimError(f"{weights}: no such weights file")
-    if args.cfg is None and not _is_torch(weights):
+    if args.cfg is None and not models.is_torch_file(weights):
         raise DarkslimError(f"{weights}: darknet .weights store no cfg; expected --cfg C")
     from utils.torch_utils import select_device
     select_device(args.device)                        # a bad --device fails now, before any work
-    if args.percent is None and args.threshold is None:
-        args.percent = 0.3 if strategy == 'tiny' else 0.5
+    percent = args.percent
+    if percent is None and args.threshold is None:
+        percent = default_percent(strategy)
     prefix = args.out
     if prefix is None:
         stem = os.path.splitext(os.path.basename(args.cfg or weights))[0]
-        value = f"{args.percent:g}" if args.percent is not None else f"t{args.threshold:g}"
-        prefix = os.path.join('weights', f"{stem}-{strategy}-{value}")
+        value = f"{percent:g}" if percent is not None else f"t{args.threshold:g}"
+        round_to = round_to_of(args, strategy)
+        rounding = '' if round_to is None else '-pow2' if round_to == 'pow2' else f"-r{round_to}"
+        prefix = os.path.join('weights', f"{stem}-{strategy}-{value}{rounding}")
     for ext in OUTPUT_EXTS:
         for src in (args.cfg, weights):
             if src is not None and os.path.abspath(prefix + ext) == os.path.abspath(src):
                 raise DarkslimError(f"--out {prefix}: {prefix + ext} is an input; expected another prefix "
                                     "(inputs are never overwritten)")
-    return args.cfg, weights, prefix
-
-
-def _is_torch(path):
-    from models import is_torch_file
-    return is_torch_file(path)
+    return args.cfg, weights, prefix, percent
 
 
 def img_hw(model, img_size):
     return (img_size, img_size) if img_size else tuple(model.img_size)
 
 
-def darknet_file_size(model):
-    """Bytes of `model` as a darknet .weights file (header + float32 body), without writing it."""
-    from utils.darknet_weights import DEFAULT_HEADER, conv_tensors
-    major, minor = (getattr(model, 'header', None) or DEFAULT_HEADER)[:2]
-    wide = (major * 10 + minor) >= 2 and major < 1000 and minor < 1000
-    n = sum(t.numel() for _, ts in conv_tensors(model.module_defs, model.module_list) for t in ts)
-    return 12 + (8 if wide else 4) + 4 * n
+def _timed_forward(model, x):
+    """(a no-argument callable running `model` on the static input `x`, how it runs).
+
+    CPU: the eval forward.  CUDA: the forward captured once as a CUDA graph and replayed (no Python or kernel
+    launch overhead).  The model must be fused: with no BatchNorm (nor dropout) left, train mode runs the same
+    kernels as eval, up to the raw head outputs; it skips the heads' box decoding, whose host->device stride
+    tensor cannot be captured (the decoding costs the same before and after a prune)."""
+    if x.device.type != 'cuda':
+        return (lambda: model(x)), 'cpu eager'
+    model.train()
+    side = torch.cuda.Stream(x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side):                     # warm-up off the default stream (cuDNN plans, allocations)
+        for _ in range(3):
+            model(x)
+    torch.cuda.current_stream(x.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model(x)
+    return graph.replay, 'cuda graph (raw head outputs)'
+
+
+def latencies(nets, hw, runs=5, batch=1, device='cpu'):
+    """([median seconds per model], how): `runs` forward passes of a zero batch [batch, C, *hw] through a fused
+    copy of each model on `device`, the models timed alternately (machine drift hits all alike) after one
+    warm-up pass each; CUDA timings are synchronized around each pass (see `_timed_forward`)."""
+    dev = torch.device(device)
+    fused = [copy.deepcopy(m).eval().fuse().to(dev) for m in nets]
+    times = [[] for _ in fused]
+    with torch.no_grad():
+        forwards = []
+        for m in fused:
+            fn, how = _timed_forward(m, torch.zeros(batch, m.in_channels, *hw, device=dev))
+            fn()
+            forwards.append(fn)
+        for _ in range(runs):
+            for k, fn in enumerate(forwards):
+                if dev.type == 'cuda':
+                    torch.cuda.synchronize(dev)
+                t = time.perf_counter()
+                fn()
+                if dev.type == 'cuda':
+                    torch.cuda.synchronize(dev)
+                times[k].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times], how
 
 
 def cpu_latency(model, hw, runs=5):
-    """Median seconds of `runs` batch-1 forward passes of a fused CPU copy of `model` (one warm-up pass)."""
-    if runs < 1:
-        return None
-    m = copy.deepcopy(model).cpu().eval().fuse()
-    x = torch.zeros(1, m.in_channels, *hw)
-    times = []
-    with torch.no_grad():
-        m(x)
-        for _ in range(runs):
-            t = time.perf_counter()
-            m(x)
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    """Median seconds of `runs` batch-1 forward passes of a fused CPU copy of `model` (one warm-up pass);
+    None when runs < 1."""
+    return latencies([model], hw, runs)[0][0] if runs >= 1 else None
 
 
 def measure(model, hw, runs=5):
     """{'params', 'bflops', 'weights_bytes', 'latency_s'} of a model at input size hw."""
-    from models import model_info
-    params, bflops = model_info(model.defs, *hw)
-    return {'params': params, 'bflops': bflops, 'weights_bytes': darknet_file_size(model),
+    params, bflops = models.model_info(model.defs, *hw)
+    return {'params': params, 'bflops': bflops, 'weights_bytes': weights_file_size(model),
             'latency_s': cpu_latency(model, hw, runs)}
 
 
 def evaluate_map(model, data, img_size, batch_size, device):
-    """(mAP@0.5, mAP@0.5:0.95) of `model` on the .data file's valid set, via test.test (imported here, lazily)."""
+    """(mAP@0.5, mAP@0.5:0.95) of `model` on the .data file's valid set, via test.test (imported here, lazily:
+    it pulls in the data loader)."""
     import test as test_py
     from utils.torch_utils import select_device
     dev = select_device(device)
@@ -662,21 +720,19 @@ def metrics_rows(before, after, maps=None):
 def channel_chart(plan, path, title=''):
     """Per-layer bar chart of channels before (grey) and after (blue) as a PNG, drawn with OpenCV; atomic."""
     import cv2
-    from utils.io import write_bytes_atomic
     rows = plan.rows()
     n = max(len(rows), 1)
     bar = max(6, min(24, 1200 // n))
     left, top, bottom, h_plot = 70, 40, 50, 360
-    width = left + 20 + n * bar
-    width = max(width, 640)
+    width = max(left + 20 + n * bar, 640)
     img = np.full((top + h_plot + bottom, width, 3), 255, np.uint8)
     top_ch = max([r[1] for r in rows] + [1])
     y0 = top + h_plot
     for t in range(5):                                # y grid with channel counts
-        v = top_ch * t / 4
         y = int(y0 - h_plot * t / 4)
         cv2.line(img, (left, y), (width, y), (225, 225, 225), 1)
-        cv2.putText(img, f"{v:.0f}", (5, y + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (60, 60, 60), 1, cv2.LINE_AA)
+        cv2.putText(img, f"{top_ch * t / 4:.0f}", (5, y + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (60, 60, 60), 1,
+                    cv2.LINE_AA)
     step = max(1, int(math.ceil(n * 28 / (width - left))))
     for k, (i, before, after, _, _) in enumerate(rows):
         x = left + k * bar
@@ -697,15 +753,11 @@ def channel_chart(plan, path, title=''):
 def write_outputs(prefix, compact, plan, report):
     """PREFIX.cfg (core write_cfg), .weights, .pt (with the plan), .json (report + plan), -channels.png.
     Each file is written atomically; returns {ext: path}."""
-    from models import save_checkpoint
-    from utils.darknet_weights import save_weights
-    from utils.io import write_text_atomic
-    from utils.parse_config import write_cfg
     paths = {ext: prefix + ext for ext in OUTPUT_EXTS}
     write_cfg(paths['.cfg'], compact.defs)
     save_weights(compact, paths['.weights'])
     plan_json = plan.to_json()
-    save_checkpoint(paths['.pt'], compact, prune=json.loads(json.dumps(plan_json)))
+    models.save_checkpoint(paths['.pt'], compact, prune=json.loads(json.dumps(plan_json)))
     write_text_atomic(paths['.json'], json.dumps({**report, 'plan': plan_json}, indent=1) + '\n')
     channel_chart(plan, paths['-channels.png'])
     return paths
@@ -714,7 +766,6 @@ def write_outputs(prefix, compact, plan, report):
 def evaluate_and_report(args, strategy, model, loose, compact, cfg, weights, prune_s):
     """Measure original and compact (params, BFLOPs, .weights size, CPU latency), evaluate mAP of original,
     loose and compact when --data is given, print the Metric | Before | After table; returns the JSON report."""
-    from terminaltables import AsciiTable
     hw = img_hw(model, args.img_size)
     before, after = measure(model, hw, args.latency_runs), measure(compact, hw, args.latency_runs)
     maps = None
@@ -728,3 +779,22 @@ def evaluate_and_report(args, strategy, model, loose, compact, cfg, weights, pru
         print('mAP skipped: no --data given')
     return {'strategy': strategy, 'cfg': cfg, 'weights': weights, 'img_size': list(hw),
             'before': before, 'after': after, 'map': maps, 'prune_seconds': prune_s}
+
+
+def run(args, strategy):
+    """A prune script's whole job ('normal' | 'regular' | 'shortcut' | 'tiny'): load, layer set, plan (a bad
+    plan fails before anything is printed or written), print the layer list and plan, loose and compact
+    surgery, report, write PREFIX.{cfg,weights,pt,json} and PREFIX-channels.png. Returns {ext: path}."""
+    t0 = time.perf_counter()
+    cfg, weights, prefix, percent = resolve_inputs(args, strategy)
+    model = models.load_model(cfg, weights, img_size=args.img_size)
+    layer_set = get_layer_set(model.module_defs, strategy, model.in_channels)
+    plan = make_plan(model, layer_set, strategy, percent, args.threshold, args.min_keep, round_to_of(args, strategy))
+    print(layer_set.describe())
+    print(plan.table())
+    loose = loose_model(model, plan)
+    compact = compact_model(model, plan, loose)
+    report = evaluate_and_report(args, strategy, model, loose, compact, cfg, weights, time.perf_counter() - t0)
+    paths = write_outputs(prefix, compact, plan, report)
+    print('wrote ' + ', '.join(paths.values()))
+    return paths

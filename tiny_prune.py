@@ -7,10 +7,8 @@ With no arguments it prunes weights/last.pt (train.py's default output) with the
 Writes PREFIX.cfg, PREFIX.weights, PREFIX.pt, PREFIX.json and PREFIX-channels.png; see prune_utils.py.
 """
 import argparse
-import time
 
 import prune_utils
-from models import load_model
 from utils.errors import cli_main
 
 STRATEGY = 'tiny'
@@ -22,21 +20,7 @@ def get_args_parser():
 
 
 def main(args):
-    t0 = time.perf_counter()
-    cfg, weights, prefix = prune_utils.resolve_inputs(args, STRATEGY)
-    model = load_model(cfg, weights, img_size=args.img_size)
-    layer_set = prune_utils.get_layer_set(model.module_defs, STRATEGY)
-    plan = prune_utils.make_plan(model, layer_set, STRATEGY, args.percent, args.threshold, args.min_keep,
-                                 None)
-    print(layer_set.describe())
-    print(plan.table())
-    loose = prune_utils.loose_model(model, plan)
-    compact = prune_utils.compact_model(model, plan, loose)
-    report = prune_utils.evaluate_and_report(args, STRATEGY, model, loose, compact, cfg, weights,
-                                             time.perf_counter() - t0)
-    paths = prune_utils.write_outputs(prefix, compact, plan, report)
-    print('wrote ' + ', '.join(paths.values()))
-    return paths
+    return prune_utils.run(args, STRATEGY)
 
 
 if __name__ == '__main__':

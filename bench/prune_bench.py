@@ -8,15 +8,14 @@
     latency speedup at batch 1 (fused, median of --runs, original and pruned timed alternately), and speedup
     efficiency = latency speedup / BFLOPs reduction; target >= 0.85 with --round-to 8.
     Also the `shortcut_prune.py` command line end to end (process start, imports, --latency-runs 0, no --data).
-(c) GPU: not measured when no GPU is present.
+(c) GPU, when torch.cuda.is_available(): the same models at batch 1 and 64 on cuda:0, each fused forward captured
+    as a CUDA graph and replayed (prune_utils.latencies); otherwise recorded as "not measured: no GPU lent".
 --threads defaults to 1: on a shared 2-core box two spinning OpenMP threads make latencies swing by several x
 with the other load; one thread gives stable medians (pass --threads 2 on an idle machine).
 Prints a table and writes bench/results/prune.json.
 """
 import argparse
-import copy
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,9 +31,11 @@ from models import Darknet, load_model, model_info  # noqa: E402
 from utils.darknet_weights import save_weights  # noqa: E402
 from utils.errors import cli_main  # noqa: E402
 
-# (name, layer-set mode / strategy, round_to, percent)
+# (name, strategy, round_to)
 STRATEGIES = [('normal', 'normal', None), ('shortcut', 'shortcut', None), ('regular (pow2)', 'regular', 'pow2'),
               ('regular --round-to 8', 'regular', 8), ('regular --round-to 32', 'regular', 32)]
+GPU_BATCHES = (1, 64)
+GPU_MIN_RUNS = 20                 # GPU passes are short: more of them for a stable median
 PRUNE_TARGET_S = 10.0
 EFFICIENCY_TARGET = 0.85
 
@@ -76,7 +77,7 @@ def prune_from_files(cfg, weights, strategy, round_to, percent, out_prefix, img_
     """The prune scripts' steps without mAP or latency timing; returns (compact model, plan, seconds)."""
     t = time.perf_counter()
     model = load_model(cfg, weights, img_size=img_size)
-    layer_set = prune_utils.get_layer_set(model.module_defs, strategy)
+    layer_set = prune_utils.get_layer_set(model.module_defs, strategy, model.in_channels)
     plan = prune_utils.make_plan(model, layer_set, strategy, percent=percent, min_keep=1, round_to=round_to)
     loose = prune_utils.loose_model(model, plan)
     compact = prune_utils.compact_model(model, plan, loose)
@@ -98,20 +99,16 @@ def cli_seconds(cfg, weights, percent, out_prefix, threads):
     return time.perf_counter() - t
 
 
-def latencies(models, hw, runs):
-    """Median batch-1 seconds per fused CPU model, timing the models alternately (drift hits all alike)."""
-    fused = [copy.deepcopy(m).cpu().eval().fuse() for m in models]
-    x = torch.zeros(1, 3, *hw)
-    times = [[] for _ in fused]
-    with torch.no_grad():
-        for m in fused:
-            m(x)
-        for _ in range(runs):
-            for k, m in enumerate(fused):
-                t = time.perf_counter()
-                m(x)
-                times[k].append(time.perf_counter() - t)
-    return [statistics.median(t) for t in times]
+def gpu_latencies(nets, hw, runs):
+    """{batch: {'median_ms': [per model], 'how': ...}} on cuda:0 (CUDA graphs), or None without a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    out = {}
+    for b in GPU_BATCHES:
+        medians, how = prune_utils.latencies(nets, hw, runs, batch=b, device='cuda')
+        out[b] = {'median_ms': [t * 1e3 for t in medians], 'how': how}
+        torch.cuda.empty_cache()
+    return out
 
 
 def main(args):
@@ -132,7 +129,9 @@ def main(args):
             results.append({'name': name, 'strategy': strategy, 'round_to': round_to, 'prune_seconds': sec,
                             'removed_share': plan.removed_share, 'params_after': p1, 'bflops_after': b1})
         cli_s = cli_seconds(args.cfg, weights, args.percent, os.path.join(tmp, 'cli'), args.threads)
-        lat = latencies([model] + compacts, (s, s), args.runs)
+        lat, _ = prune_utils.latencies([model] + compacts, (s, s), args.runs)
+        gpu_runs = max(args.runs, GPU_MIN_RUNS)
+        gpu = gpu_latencies([model] + compacts, (s, s), gpu_runs)
     for r, t in zip(results, lat[1:]):
         speedup, reduction = lat[0] / t, b0 / r['bflops_after']
         r.update(latency_ms=t * 1e3, speedup=speedup, bflops_reduction=reduction, efficiency=speedup / reduction)
@@ -151,8 +150,16 @@ def main(args):
           f"{'met' if max(worst_prune, cli_s) <= PRUNE_TARGET_S else 'NOT met'}")
     print(f"(b) speedup efficiency with --round-to 8: {eff8:.2f}, target >= {EFFICIENCY_TARGET}: "
           f"{'met' if eff8 >= EFFICIENCY_TARGET else 'NOT met'}")
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    print(f"(c) GPU: {'not measured (CPU bench only)' if gpu else 'not measured: no GPU lent'}")
+    if gpu is None:
+        print("(c) GPU: not measured: no GPU lent")
+    else:
+        rows = [['strategy'] + [f"batch {b} ms" for b in gpu] + [f"batch {b} speedup" for b in gpu]]
+        for k, name in enumerate(['original'] + [r['name'] for r in results]):
+            ms = [g['median_ms'][k] for g in gpu.values()]
+            up = ['' if k == 0 else f"{g['median_ms'][0] / g['median_ms'][k]:.2f}x" for g in gpu.values()]
+            rows.append([name] + [f"{t:.2f}" for t in ms] + up)
+        how = gpu[GPU_BATCHES[0]]['how']
+        print_table(rows, title=f" (c) {torch.cuda.get_device_name(0)}, {how}, median of {gpu_runs} ")
     write_result('prune', {
         'cfg': args.cfg, 'img_size': s, 'percent': args.percent, 'near_zero_share': args.near_zero,
         'latency_runs': args.runs, 'threads': torch.get_num_threads(),
@@ -162,7 +169,10 @@ def main(args):
         'targets': {'prune_seconds_max': PRUNE_TARGET_S, 'efficiency_round_to_8_min': EFFICIENCY_TARGET},
         'met': {'prune_seconds': max(worst_prune, cli_s) <= PRUNE_TARGET_S,
                 'efficiency_round_to_8': eff8 >= EFFICIENCY_TARGET},
-        'gpu': 'not measured: no GPU lent' if gpu is None else f'not measured ({gpu} present; CPU bench only)'})
+        'gpu': 'not measured: no GPU lent' if gpu is None else {
+            'device': torch.cuda.get_device_name(0), 'runs': gpu_runs,
+            'models': ['original'] + [r['name'] for r in results],
+            'batches': {str(b): g for b, g in gpu.items()}}})
     return 0
 
 
