@@ -1,11 +1,13 @@
-"""Run a detector on an image or a folder of images; save copies with boxes and labels drawn.
+"""Run a detector on an image, a folder of images or a list file; save copies with boxes and labels drawn.
 
-    python detect.py --cfg C --weights W --source (IMAGE | FOLDER) --out DIR [--names N | --data D]
-                     [--img-size 416] [--conf-thres 0.25] [--iou-thres 0.45] [--max-det 300] [--device cpu]
+    python detect.py --cfg C --weights W --source (IMAGE | FOLDER | LIST) --out DIR [--names N | --data D]
+                     [--img-size S] [--conf-thres 0.25] [--iou-thres 0.45] [--max-det 300] [--device cpu]
 
---cfg may be left out when W is a .pt checkpoint that stores its cfg. Each input image is written to DIR under
-its own file name (atomically); the input files are never modified. Prints one line per image: detections
-counted per class and the inference + NMS time.
+--cfg may be left out when W is a .pt checkpoint that stores its cfg; --img-size defaults to the cfg's input size
+(the larger of [net] width and height). Each input image is written to DIR under its own file name, with a
+numeric suffix (name_1.jpg, ...) when an earlier input of this run already took that name (atomically); the
+input files are never modified. Prints one line per image: detections counted per class and the inference + NMS
+time.
 """
 import argparse
 import colorsys
@@ -16,25 +18,21 @@ import cv2
 import numpy as np
 import torch
 
-from models import load_model
-from test import check_classes, model_device
-from utils.datasets import check_img_size, letterbox, list_images, load_names, parse_data_cfg, scale_coords
+from test import get_model, input_size
+from utils.datasets import (PIXEL_MAX, check_classes, image_tensor, imread, letterbox, list_images, load_names,
+                            parse_data_cfg, scale_coords)
 from utils.errors import DarkslimError, cli_main
 from utils.io import write_bytes_atomic
-from utils.metrics import non_max_suppression
-from utils.torch_utils import de_parallel, select_device
+from utils.metrics import class_name, non_max_suppression
+from utils.torch_utils import de_parallel
 
-_IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # pixels as stored, as the data loader reads them
+_WHITE = (PIXEL_MAX,) * 3
 
 
 def class_color(c):
     """A distinct BGR colour per class id (golden-ratio hue steps)."""
     r, g, b = colorsys.hsv_to_rgb((c * 0.618033988749895) % 1.0, 0.85, 0.95)
-    return int(b * 255), int(g * 255), int(r * 255)
-
-
-def class_name(names, c):
-    return names[c] if names is not None and 0 <= c < len(names) else str(c)
+    return int(b * PIXEL_MAX), int(g * PIXEL_MAX), int(r * PIXEL_MAX)
 
 
 def draw_detections(img, dets, names=None):
@@ -51,7 +49,7 @@ def draw_detections(img, dets, names=None):
         (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, max(thick - 1, 1))
         top = p1[1] - th - base if p1[1] - th - base >= 0 else p1[1]  # above the box, else inside it
         cv2.rectangle(img, (p1[0], top), (p1[0] + tw, top + th + base), color, -1, cv2.LINE_AA)
-        cv2.putText(img, label, (p1[0], top + th), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255),
+        cv2.putText(img, label, (p1[0], top + th), cv2.FONT_HERSHEY_SIMPLEX, font_scale, _WHITE,
                     max(thick - 1, 1), cv2.LINE_AA)
     return img
 
@@ -61,7 +59,7 @@ def _resolve_names(names, data, model_nc, model_name):
     if data is not None:
         if names is not None:
             raise DarkslimError("both --names and --data given; expected one of them")
-        names = check_classes(os.fspath(data), parse_data_cfg(data), model_nc, model_name)
+        names = check_classes(parse_data_cfg(data), model_nc, os.fspath(data), f"the model ({model_name})")
     elif isinstance(names, (str, os.PathLike)):
         path = os.fspath(names)
         names = load_names(path)
@@ -71,32 +69,37 @@ def _resolve_names(names, data, model_nc, model_name):
     return list(names) if names is not None else None
 
 
-def _out_path(src, out_dir):
-    dst = os.path.join(out_dir, os.path.basename(src))
+def _out_path(src, out_dir, taken):
+    """Output path for input `src`: its file name in out_dir, or name_1.ext, name_2.ext, ... when that name is in
+    `taken` (names given to earlier inputs of this run; the chosen one is added)."""
+    name = os.path.basename(src)
+    stem, ext = os.path.splitext(name)
+    k = 0
+    while name in taken:
+        k += 1
+        name = f"{stem}_{k}{ext}"
+    taken.add(name)
+    dst = os.path.join(out_dir, name)
     if os.path.exists(dst) and os.path.samefile(src, dst):
         raise DarkslimError(f"{dst}: --out would overwrite the input image; expected an output folder other "
                             f"than the source folder")
     return dst
 
 
-def detect(model_or_cfg, source, out, weights=None, names=None, data=None, img_size=416, conf_thres=0.25,
+def detect(model_or_cfg, source, out, weights=None, names=None, data=None, img_size=None, conf_thres=0.25,
            iou_thres=0.45, max_det=300, device='cpu', verbose=True):
-    """Detect objects in `source` (an image or a folder of images) and save annotated copies into folder `out`.
+    """Detect objects in `source` (an image, a folder of images or a list file) and save annotated copies into
+    folder `out` (file names as in the module doc).
 
     model_or_cfg: a models.Darknet (any nn.Module with `.nc` whose eval forward returns (inference [B, N, 5+nc],
     ...)), used on its own device; or a cfg path (None with a .pt `weights` storing one). names: list, .names path,
-    or None (then `data`, a .data file, may give them; else class ids are shown).
+    or None (then `data`, a .data file, may give them; else class ids are shown). img_size: letterbox side;
+    None = the model's input size max(h, w).
     Returns one dict per image: {path, out, detections (float64 [n, 6] x1, y1, x2, y2, conf, cls in the original
     image's pixels, by descending conf), counts ({class name: n}), seconds (inference + NMS)}.
     """
-    img_size = check_img_size(img_size)
-    if isinstance(model_or_cfg, torch.nn.Module):
-        model, model_name = model_or_cfg, type(model_or_cfg).__name__
-        dev = model_device(model, device)
-    else:
-        dev = select_device(device)
-        model = load_model(model_or_cfg, weights, device=dev, img_size=img_size)
-        model_name = os.fspath(model_or_cfg) if model_or_cfg is not None else os.fspath(weights)
+    model, dev, model_name = get_model(model_or_cfg, weights, device, img_size)
+    img_size = input_size(model, img_size)
     names = _resolve_names(names, data, de_parallel(model).nc, model_name)
     files = list_images(source)
     out = os.fspath(out)
@@ -106,25 +109,20 @@ def detect(model_or_cfg, source, out, weights=None, names=None, data=None, img_s
 
     was_training = model.training
     model.eval()
-    results = []
+    results, taken = [], set()
     try:
         for path in files:
-            img0 = cv2.imread(path, _IMREAD_FLAGS)
-            if img0 is None:
-                raise DarkslimError(f"{path}: cannot read image; expected a readable image file")
+            img0 = imread(path)
             img, ratio, pad = letterbox(img0, img_size)
-            x = torch.from_numpy(np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1)))  # BGR HWC -> RGB CHW
-            x = x.to(dev).float().div_(255).unsqueeze(0)
+            x = image_tensor(img).to(dev).unsqueeze(0)
             t0 = time.perf_counter()
             with torch.no_grad():
                 pred = non_max_suppression(model(x)[0], conf_thres, iou_thres, max_det)[0]
             if dev.type == 'cuda':
                 torch.cuda.synchronize(dev)
             seconds = time.perf_counter() - t0
-            dets = pred.detach().cpu().double()
-            dets[:, :4] = scale_coords(img.shape[:2], dets[:, :4], img0.shape[:2], (ratio, pad))
-            dets = dets.numpy()
-            dst = _out_path(path, out)
+            dets = scale_coords(img.shape[:2], pred.cpu().double(), img0.shape[:2], (ratio, pad)).numpy()
+            dst = _out_path(path, out, taken)
             ok, buf = cv2.imencode(os.path.splitext(dst)[1], draw_detections(img0, dets, names))
             if not ok:
                 raise DarkslimError(f"{dst}: OpenCV cannot encode this image format; expected .jpg, .png, ...")
@@ -147,12 +145,13 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--cfg', default=None, help='Darknet cfg (optional when --weights is a .pt storing one)')
     p.add_argument('--weights', required=True, help='.weights (darknet) or .pt (darkslim checkpoint)')
-    p.add_argument('--source', required=True, help='an image or a folder of images')
+    p.add_argument('--source', required=True, help='an image, a folder of images or a list file of image paths')
     p.add_argument('--out', required=True, help='output folder for the annotated images')
     g = p.add_mutually_exclusive_group()
     g.add_argument('--names', default=None, help='.names file (one class name per line)')
     g.add_argument('--data', default=None, help='.data file whose names= gives the class names')
-    p.add_argument('--img-size', type=int, default=416, help='letterboxed input size (multiple of 32)')
+    p.add_argument('--img-size', type=int, default=None,
+                   help="letterboxed input size (multiple of 32); default: the cfg's max(width, height)")
     p.add_argument('--conf-thres', type=float, default=0.25)
     p.add_argument('--iou-thres', type=float, default=0.45, help='NMS IoU threshold')
     p.add_argument('--max-det', type=int, default=300, help='detections kept per image after NMS')

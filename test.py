@@ -1,10 +1,11 @@
 """Evaluate a detector on a data set's `valid` images: P, R, F1, mAP@0.5 and mAP@0.5:0.95 (COCO 101-point).
 
-    python test.py --cfg C --weights W --data D [--img-size 416] [--batch-size 16] [--conf-thres 0.001]
+    python test.py --cfg C --weights W --data D [--img-size S] [--batch-size 16] [--conf-thres 0.001]
                    [--iou-thres 0.6] [--max-det 300] [--device cpu] [--save-json F] [--report R] [--workers N]
                    [--augment]
 
---cfg may be left out when W is a .pt checkpoint that stores its cfg. Predictions and labels are compared in
+--cfg may be left out when W is a .pt checkpoint that stores its cfg; --img-size defaults to the cfg's input size
+(the larger of [net] width and height). Predictions and labels are compared in
 ORIGINAL image pixels (letterbox undone with scale_coords), the frame of the --save-json COCO detections, so the
 numbers equal pycocotools' COCOeval on that JSON (see utils/metrics.py for the conventions).
 """
@@ -17,8 +18,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from models import load_model
-from utils.boxes import xywh2xyxy
-from utils.datasets import LoadImagesAndLabels, check_img_size, load_names, parse_data_cfg, scale_coords
+from utils.boxes import xywhn2xyxy
+from utils.datasets import LoadImagesAndLabels, check_img_size, parse_data_cfg, scale_coords
+from utils.datasets import check_classes as check_data_classes
 from utils.errors import DarkslimError, cli_main
 from utils.io import write_text_atomic
 from utils.metrics import DetectionStats, coco_json_detections, format_table, non_max_suppression, write_coco_json
@@ -28,36 +30,37 @@ from utils.torch_utils import de_parallel, select_device
 _PER_CLASS_KEYS = {'P': 'precision', 'R': 'recall', 'F1': 'f1', 'AP50': 'ap50', 'AP50_95': 'ap50_95'}
 
 
-def _key_line(path, key):
-    """1-based line of `key = ...` in a .data file (for error messages), or None."""
-    try:
-        with open(path, encoding='utf-8') as f:
-            for n, line in enumerate(f, 1):
-                if line.split('=', 1)[0].strip() == key:
-                    return n
-    except OSError:
-        pass
-    return None
-
-
 def check_classes(data_path, data, model_nc, model_name):
-    """DarkslimError unless the .data's `classes` (and its names file, if any) match the model's class count."""
-    where = f"{data_path}:{_key_line(data_path, 'classes') or 1}"
-    if data['classes'] != model_nc:
-        raise DarkslimError(f"{where}: classes = {data['classes']}, but the model ({model_name}) has "
-                            f"{model_nc} classes; expected equal class counts")
-    names = None
-    if 'names' in data:
-        names = load_names(data['names'])
-        if len(names) != data['classes']:
-            raise DarkslimError(f"{data['names']}: found {len(names)} class names; expected classes = "
-                                f"{data['classes']} as in {data_path}")
-    return names
+    """Deprecated (old argument order): use utils.datasets.check_classes(data, nc, data_path, model_name)."""
+    return check_data_classes(data, model_nc, data_path, f"the model ({model_name})")
 
 
 def model_device(model, default):
+    """Device of the model's first parameter; select_device(default) for a model without parameters."""
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else select_device(default)
+
+
+def get_model(model_or_cfg, weights, device, img_size=None):
+    """(model, device, name): a model as is on its own device, or one built from cfg path (None: the cfg stored in
+    .pt `weights`) + `weights` with models.load_model on select_device(device)."""
+    if isinstance(model_or_cfg, torch.nn.Module):
+        return model_or_cfg, model_device(model_or_cfg, device), type(model_or_cfg).__name__
+    dev = select_device(device)
+    model = load_model(model_or_cfg, weights, device=dev, img_size=img_size)
+    return model, dev, os.fspath(model_or_cfg if model_or_cfg is not None else weights)
+
+
+def input_size(model, img_size=None):
+    """Square letterbox side: `img_size`, or by default the model's input size max(h, w) (Darknet.img_size, the
+    cfg's [net] height and width); a positive multiple of 32."""
+    if img_size is not None:
+        return check_img_size(img_size)
+    hw = getattr(de_parallel(model), 'img_size', None)
+    if hw is None or max(hw) % 32:
+        raise DarkslimError(f"no img-size given and the model's input size (h, w) is {hw}; expected --img-size "
+                            f"(a positive multiple of 32)")
+    return int(max(hw))
 
 
 def inference(model, imgs, augment=False):
@@ -73,14 +76,13 @@ def inference(model, imgs, augment=False):
 
 def _labels_original(targets, img_hw, shapes):
     """targets [n, 5] (cls, cx, cy, w, h normalised to the letterboxed input of img_hw) -> [n, 5] cls, x1, y1,
-    x2, y2 in original image pixels, via the dataset's letterbox parameters."""
-    h, w = img_hw
-    box = xywh2xyxy(targets[:, 1:5]) * torch.tensor([w, h, w, h], dtype=targets.dtype)
-    box = scale_coords(img_hw, box, shapes[0], shapes[1])
-    return torch.cat((targets[:, :1], box), 1)
+    x2, y2 in original image pixels, via the dataset's letterbox parameters. Not clipped to the image, like the
+    ground truth pycocotools gets from utils.metrics.coco_gt_from_labels."""
+    box = xywhn2xyxy(targets[:, 1:5], img_hw[1], img_hw[0])
+    return torch.cat((targets[:, :1], scale_coords(img_hw, box, *shapes, clip=False)), 1)
 
 
-def test(model_or_cfg, data, weights=None, img_size=416, batch_size=16, conf_thres=0.001, iou_thres=0.6,
+def test(model_or_cfg, data, weights=None, img_size=None, batch_size=16, conf_thres=0.001, iou_thres=0.6,
          max_det=300, device='cpu', dataloader=None, save_json=None, report=None, verbose=True, workers=0,
          augment=False):
     """Evaluate on the `valid` images of .data file `data`; returns a JSON-ready dict
@@ -93,21 +95,16 @@ def test(model_or_cfg, data, weights=None, img_size=416, batch_size=16, conf_thr
     model_or_cfg: a models.Darknet (any nn.Module with `.nc` whose eval forward returns (inference [B, N, 5+nc],
     ...)) used as is on its own device, in eval mode, restored to its previous mode afterwards; or a cfg path
     (None with a .pt `weights` that stores one), then built with models.load_model(cfg, weights, device).
+    img_size: letterbox side; None = the model's input size max(h, w) (see input_size).
     dataloader: optional, yielding LoadImagesAndLabels.collate_fn batches in data-set order (not shuffled);
     image_id in the JSON is the running image index. save_json / report: paths written atomically.
     """
     data_path = os.fspath(data)
     data_cfg = parse_data_cfg(data_path)
-    if isinstance(model_or_cfg, torch.nn.Module):
-        model, model_name = model_or_cfg, type(model_or_cfg).__name__
-        dev = model_device(model, device)
-    else:
-        dev = select_device(device)
-        model = load_model(model_or_cfg, weights, device=dev, img_size=img_size)
-        model_name = os.fspath(model_or_cfg) if model_or_cfg is not None else os.fspath(weights)
-    names = check_classes(data_path, data_cfg, de_parallel(model).nc, model_name)
+    model, dev, model_name = get_model(model_or_cfg, weights, device, img_size)
+    names = check_data_classes(data_cfg, de_parallel(model).nc, data_path, f"the model ({model_name})")
     if dataloader is None:
-        img_size = check_img_size(img_size)
+        img_size = input_size(model, img_size)
         if batch_size < 1:
             raise DarkslimError(f"--batch-size {batch_size}; expected a positive integer")
         dataset = LoadImagesAndLabels(data_cfg['valid'], img_size, batch_size, augment=False, nc=data_cfg['classes'])
@@ -140,8 +137,7 @@ def test(model_or_cfg, data, weights=None, img_size=416, batch_size=16, conf_thr
                         raise DarkslimError(f"{paths[si]}: batch has no letterbox shapes (a mosaic?); "
                                             f"expected an evaluation loader with augment=False")
                     labels = _labels_original(targets[targets[:, 0] == si, 1:], img_hw, shapes[si])
-                    predn = pred.clone()
-                    predn[:, :4] = scale_coords(img_hw, pred[:, :4], shapes[si][0], shapes[si][1])
+                    predn = scale_coords(img_hw, pred, *shapes[si])
                     stats.update(predn, labels)
                     if save_json is not None:
                         json_dets += coco_json_detections(predn, image_id, paths[si])
@@ -182,7 +178,8 @@ def get_args_parser():
     p.add_argument('--cfg', default=None, help='Darknet cfg (optional when --weights is a .pt storing one)')
     p.add_argument('--weights', required=True, help='.weights (darknet) or .pt (darkslim checkpoint)')
     p.add_argument('--data', required=True, help='.data file; its valid= images are evaluated')
-    p.add_argument('--img-size', type=int, default=416, help='letterboxed input size (multiple of 32)')
+    p.add_argument('--img-size', type=int, default=None,
+                   help="letterboxed input size (multiple of 32); default: the cfg's max(width, height)")
     p.add_argument('--batch-size', type=int, default=16)
     p.add_argument('--conf-thres', type=float, default=0.001)
     p.add_argument('--iou-thres', type=float, default=0.6, help='NMS IoU threshold')

@@ -96,3 +96,31 @@ def randomize_(model, seed=0, var_range=(0.5, 2.0)):
                 m.running_mean.normal_(0, 0.1, generator=g)
                 m.running_var.uniform_(*var_range, generator=g)
     return model
+
+
+def cocoeval(gt, dets):
+    """Reference metrics: pycocotools' COCOeval ('bbox') of `dets` (COCO result entries, or a JSON file of them)
+    against COCO-format ground truth dict `gt`, with every detection evaluated (no per-image cap) and area range
+    'all' only. Returns (mAP50, mAP50_95, {category: (AP50, AP50_95)}) over categories with ground truth."""
+    import contextlib
+    import copy
+    import io
+    import json
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    # pycocotools adds keys to the dicts it is given: work on copies
+    dets = copy.deepcopy(dets) if isinstance(dets, list) else json.loads(Path(dets).read_text())
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco = COCO()
+        coco.dataset = copy.deepcopy(gt)
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes(dets), 'bbox')
+        ev.params.maxDets = [len(dets) + 1]
+        ev.params.areaRng, ev.params.areaRngLbl = [[0, 1e10]], ['all']
+        ev.evaluate()
+        ev.accumulate()
+    prec = ev.eval['precision'][:, :, :, 0, 0]  # [T, R, K]; -1 for categories without ground truth
+    per_class = {c: (prec[0, :, k].mean(), prec[:, :, k].mean())
+                 for k, c in enumerate(ev.params.catIds) if (prec[:, :, k] > -1).all()}
+    return prec[0][prec[0] > -1].mean(), prec[prec > -1].mean(), per_class

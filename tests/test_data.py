@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from data.make_shapes import CLASSES, make_shapes
-from utils.datasets import (LoadImagesAndLabels, check_img_size, img2label_path, letterbox, list_images,
-                            load_labels, load_names, parse_data_cfg, scale_coords)
+from utils.datasets import (LoadImagesAndLabels, check_classes, check_img_size, img2label_path, letterbox,
+                            list_images, load_labels, load_names, parse_data_cfg, scale_coords)
 from utils.errors import DarkslimError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,6 +86,21 @@ def test_data_cfg_errors_name_file_and_line(tmp_path, text, line, fragment):
         parse_data_cfg(str(p))
     assert str(e.value).startswith(f"{p}:{line}:")
     assert fragment in str(e.value)
+
+
+def test_data_cfg_keeps_key_lines_and_check_classes_cites_them(tmp_path):
+    (tmp_path / 'three.names').write_text("a\nb\nc\n")
+    p = tmp_path / 'x.data'
+    p.write_text("# header\ntrain = t.txt\n\nvalid = v.txt\nclasses = 3\nnames = three.names\n")
+    d = parse_data_cfg(p)
+    assert d.lines == {'train': 2, 'valid': 4, 'classes': 5, 'names': 6} and d.path == str(p)
+    assert check_classes(d, 3, str(p)) == ['a', 'b', 'c']
+    with pytest.raises(DarkslimError, match=rf"^{p}:5: classes = 3, but the model \(m.cfg\) has 4 classes"):
+        check_classes(d, 4, str(p), 'the model (m.cfg)')
+    (tmp_path / 'three.names').write_text("a\nb\n")
+    with pytest.raises(DarkslimError, match=r"three\.names: found 2 class names; expected classes = 3"):
+        check_classes(d, 3, str(p))
+    assert check_classes({'classes': 2}, 2, 'plain.data') is None  # a plain dict: no names file, no lines
 
 
 def test_names_file_one_name_per_line(tmp_path):
@@ -259,9 +274,12 @@ def test_scale_coords_inverts_letterbox(h0, w0, size):
         back = scale_coords((size, size), boxes1, (h0, w0), ratio_pad)
         np.testing.assert_allclose(back, boxes0, atol=1e-6)
     np.testing.assert_array_equal(boxes1, before)  # input not modified
-    # torch in, torch out; boxes outside the image are clipped to it
-    back = scale_coords((size, size), torch.tensor([[-5.0, -5.0, size + 5.0, size + 5.0]]), (h0, w0))
+    # torch in, torch out; boxes outside the image are clipped to it, unless clip=False
+    outside = torch.tensor([[-5.0, -5.0, size + 5.0, size + 5.0]], dtype=torch.float64)
+    back = scale_coords((size, size), outside, (h0, w0))
     assert isinstance(back, torch.Tensor) and back.tolist() == [[0, 0, w0, h0]]
+    back = scale_coords((size, size), outside, (h0, w0), ((rh, rw), (dw, dh)), clip=False)
+    np.testing.assert_allclose(back, [[(-5 - dw) / rw, (-5 - dh) / rh, (size + 5 - dw) / rw, (size + 5 - dh) / rh]])
 
 
 def test_item_geometry_and_shapes_map_back_to_original_pixels(tmp_path):

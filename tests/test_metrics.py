@@ -1,16 +1,13 @@
 """Boxes, NMS and COCO-style metrics, checked against hand-computed values, pycocotools' COCOeval and a slow
 reference greedy NMS."""
-import contextlib
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
-from utils.boxes import bbox_giou, box_iou, wh_iou, xywh2xyxy, xywhn2xyxy, xyxy2xywh
+from tests.helpers import cocoeval
+from utils.boxes import bbox_giou, box_iou, wh_iou, xywh2xyxy, xywhn2xyxy, xyxy2xywh, xyxy2xywhn
 from utils.errors import DarkslimError
 from utils.metrics import (DetectionStats, ap_per_class, coco_gt_from_labels, coco_json_detections, format_table,
                            match_predictions, nms, non_max_suppression, write_coco_json)
@@ -45,20 +42,7 @@ def _cocoeval(labels, preds, nc, sizes=None):
     dets = []
     for i, pred in enumerate(preds):
         dets += coco_json_detections(np.asarray(pred, dtype=np.float64).reshape(-1, 6), i, files[i])
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco = COCO()
-        coco.dataset = gt
-        coco.createIndex()
-        ev = COCOeval(coco, coco.loadRes(dets), 'bbox')
-        ev.params.maxDets = [len(dets) + 1]  # evaluate every detection, as we do
-        ev.params.areaRng = [[0, 1e10]]  # area 'all' only
-        ev.params.areaRngLbl = ['all']
-        ev.evaluate()
-        ev.accumulate()
-    prec = ev.eval['precision'][:, :, :, 0, 0]  # [T, R, K]; -1 for classes without GT
-    per_class = {c: (prec[0, :, k].mean(), prec[:, :, k].mean())
-                 for k, c in enumerate(ev.params.catIds) if (prec[:, :, k] > -1).all()}
-    return prec[0][prec[0] > -1].mean(), prec[prec > -1].mean(), per_class
+    return cocoeval(gt, dets)
 
 
 def _assert_matches_cocoeval(res, labels, preds, nc, sizes=None, tol=1e-6):
@@ -121,6 +105,14 @@ def test_xywh_xyxy_conversions_round_trip_torch_and_numpy():
     assert torch.equal(xywh2xyxy(t), torch.tensor(xyxy))
     np.testing.assert_allclose(xywhn2xyxy(np.array([[0.5, 0.5, 0.5, 0.25]]), 200, 100, padw=3, padh=4),
                                [[53.0, 41.5, 153.0, 66.5]])
+    # pixel xyxy in a 200 x 100 image -> normalised centre, size; and back (float32 kept, as the data loader uses)
+    px = np.array([[50.0, 40.0, 150.0, 65.0], [0.0, 0.0, 200.0, 100.0]], np.float32)
+    n = xyxy2xywhn(px, 200, 100)
+    assert n.dtype == np.float32
+    np.testing.assert_allclose(n, [[0.5, 0.525, 0.5, 0.25], [0.5, 0.5, 1.0, 1.0]], atol=1e-7)
+    np.testing.assert_allclose(xywhn2xyxy(n, 200, 100), px, atol=1e-4)
+    assert torch.allclose(xyxy2xywhn(torch.from_numpy(px), 200, 100), torch.from_numpy(n))
+    assert px[0].tolist() == [50.0, 40.0, 150.0, 65.0]  # input not modified
     assert xywh.tolist() == [[10.0, 20.0, 4.0, 6.0], [0.5, 0.5, 1.0, 1.0]]  # input not modified
 
 

@@ -48,6 +48,14 @@ def xywhn2xyxy(x, w, h, padw=0.0, padh=0.0):
     return y
 
 
+def xyxy2xywhn(x, w, h):
+    """[..., 4] pixel x1, y1, x2, y2 in an image of w x h pixels -> normalised (0..1) centre x, y, w, h."""
+    y = xyxy2xywh(x)
+    y[..., 0::2] /= w  # centre x, width
+    y[..., 1::2] /= h  # centre y, height
+    return y
+
+
 def box_area(boxes):
     """[..., 4] xyxy -> [...] area (w * h, negative sizes count as 0)."""
     if isinstance(boxes, torch.Tensor):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from utils.boxes import xywhn2xyxy, xyxy2xywhn
 from utils.errors import DarkslimError
 
 IMG_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -36,6 +37,7 @@ DEFAULT_HYP = {
     'fliplr': 0.5,  # horizontal flip probability
 }
 _IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+PIXEL_MAX = np.iinfo(np.uint8).max  # 8-bit images: values 0..PIXEL_MAX become tensor values 0..1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,8 +62,17 @@ def _resolve(path, folder):
     return os.path.normpath(path)
 
 
+class DataConfig(dict):
+    """parse_data_cfg's result: a dict of the file's keys, plus `path` (the .data file) and `lines`
+    ({key: 1-based line number}) for error messages."""
+
+    def __init__(self, items, path, lines):
+        super().__init__(items)
+        self.path, self.lines = path, lines
+
+
 def parse_data_cfg(path):
-    """Parse a Darknet `.data` file into a dict.
+    """Parse a Darknet `.data` file into a DataConfig (a dict; `.lines[key]` = line of each key).
 
     `classes` becomes an int; `train`, `valid`, `test`, `names`, `backup` become absolute paths (relative ones
     resolve against the .data file's folder, not the cwd); any other key is kept as a stripped string.
@@ -98,7 +109,7 @@ def parse_data_cfg(path):
         if key not in out:
             raise DarkslimError(f"{path}:{len(lines) + 1}: end of file without a {key!r} line; "
                                 f"expected keys {', '.join(DATA_REQUIRED_KEYS)} (names optional)")
-    return out
+    return DataConfig(out, path, first_line)
 
 
 def load_names(path):
@@ -108,6 +119,22 @@ def load_names(path):
     names = [s for s in names if s]
     if not names:
         raise DarkslimError(f"{path}:1: found no class names; expected one class name per line")
+    return names
+
+
+def check_classes(data, nc, data_path, model_name='the model'):
+    """Class names of parsed .data `data` (None without names=), or DarkslimError unless its `classes` and its
+    names file agree with the model's class count `nc`."""
+    if data['classes'] != nc:
+        line = getattr(data, 'lines', {}).get('classes', 1)
+        raise DarkslimError(f"{data_path}:{line}: classes = {data['classes']}, but {model_name} has {nc} classes; "
+                            f"expected equal class counts")
+    if 'names' not in data:
+        return None
+    names = load_names(data['names'])
+    if len(names) != nc:
+        raise DarkslimError(f"{data['names']}: found {len(names)} class names; expected classes = {nc} as in "
+                            f"{data_path}")
     return names
 
 
@@ -245,9 +272,9 @@ def letterbox(img, new_shape, color=(114, 114, 114), auto=False, scaleup=True, s
     return img, (nh / h, nw / w), (left, top)
 
 
-def scale_coords(img1_shape, coords, img0_shape, ratio_pad=None):
+def scale_coords(img1_shape, coords, img0_shape, ratio_pad=None, clip=True):
     """Map xyxy boxes [n, >=4] from a letterboxed image of shape img1_shape (h, w) back to the original image of
-    shape img0_shape (h0, w0), clipped to it. Returns a new array/tensor (input not modified).
+    shape img0_shape (h0, w0), clipped to it unless clip=False. Returns a new array/tensor (input not modified).
 
     ratio_pad = ((ratio_h, ratio_w), (dw, dh)) as given by LoadImagesAndLabels (shapes[i][1]) or letterbox; if
     None it is recomputed assuming letterbox(img0, img1_shape, scaleup=True) or its auto=True variant.
@@ -262,29 +289,15 @@ def scale_coords(img1_shape, coords, img0_shape, ratio_pad=None):
     out = coords.clone() if isinstance(coords, torch.Tensor) else np.array(coords, dtype=np.float64)
     out[:, [0, 2]] = (out[:, [0, 2]] - dw) / gx
     out[:, [1, 3]] = (out[:, [1, 3]] - dh) / gy
-    out[:, [0, 2]] = out[:, [0, 2]].clip(0, img0_shape[1])
-    out[:, [1, 3]] = out[:, [1, 3]].clip(0, img0_shape[0])
+    if clip:
+        out[:, [0, 2]] = out[:, [0, 2]].clip(0, img0_shape[1])
+        out[:, [1, 3]] = out[:, [1, 3]].clip(0, img0_shape[0])
     return out
 
 
-def _xywhn2xyxy(x, w, h, padw=0.0, padh=0.0):
-    """Normalized cx,cy,w,h [n, 4] -> pixel x1,y1,x2,y2 in an image of size w x h placed at (padw, padh)."""
-    y = np.empty_like(x, dtype=np.float32)
-    y[:, 0] = w * (x[:, 0] - x[:, 2] / 2) + padw
-    y[:, 1] = h * (x[:, 1] - x[:, 3] / 2) + padh
-    y[:, 2] = w * (x[:, 0] + x[:, 2] / 2) + padw
-    y[:, 3] = h * (x[:, 1] + x[:, 3] / 2) + padh
-    return y
-
-
-def _xyxy2xywhn(x, w, h):
-    """Pixel x1,y1,x2,y2 [n, 4] -> cx,cy,w,h normalized by image size w x h."""
-    y = np.empty_like(x, dtype=np.float32)
-    y[:, 0] = (x[:, 0] + x[:, 2]) / 2 / w
-    y[:, 1] = (x[:, 1] + x[:, 3]) / 2 / h
-    y[:, 2] = (x[:, 2] - x[:, 0]) / w
-    y[:, 3] = (x[:, 3] - x[:, 1]) / h
-    return y
+def image_tensor(img):
+    """BGR uint8 image [H, W, 3] -> RGB float32 tensor [3, H, W] with values 0..1 (the network's input)."""
+    return torch.from_numpy(np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))).float().div_(PIXEL_MAX)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,10 +311,10 @@ def augment_hsv(img, hgain=0.5, sgain=0.5, vgain=0.5):
     """New BGR uint8 image with hue/saturation/value multiplied by random gains in [1-g, 1+g]."""
     r = [_uniform(-1, 1) * g + 1 for g in (hgain, sgain, vgain)]
     hue, sat, val = cv2.split(cv2.cvtColor(img, cv2.COLOR_BGR2HSV))
-    x = np.arange(256, dtype=np.float32)
-    lut_hue = ((x * r[0]) % 180).astype(np.uint8)
-    lut_sat = np.clip(x * r[1], 0, 255).astype(np.uint8)
-    lut_val = np.clip(x * r[2], 0, 255).astype(np.uint8)
+    x = np.arange(PIXEL_MAX + 1, dtype=np.float32)
+    lut_hue = ((x * r[0]) % 180).astype(np.uint8)  # OpenCV's 8-bit hue range is 0..179
+    lut_sat = np.clip(x * r[1], 0, PIXEL_MAX).astype(np.uint8)
+    lut_val = np.clip(x * r[2], 0, PIXEL_MAX).astype(np.uint8)
     hsv = cv2.merge((cv2.LUT(hue, lut_hue), cv2.LUT(sat, lut_sat), cv2.LUT(val, lut_val)))
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
 
@@ -389,7 +402,8 @@ def _header_size(path):
         return None
 
 
-def _imread(path):
+def imread(path):
+    """BGR uint8 image as stored (EXIF orientation ignored, as Darknet does), or DarkslimError naming the file."""
     img = cv2.imread(path, _IMREAD_FLAGS)
     if img is None:
         raise DarkslimError(f"{path}: cannot read image; expected a readable image file "
@@ -414,7 +428,7 @@ class LoadImagesAndLabels(Dataset):
     persistent_workers for the change to reach the workers. `mosaic` applies only when `augment` is true.
     """
 
-    def __init__(self, path_or_list, img_size=416, batch_size=16, augment=False, hyp=None, cache=False,
+    def __init__(self, path_or_list, img_size, batch_size=16, augment=False, hyp=None, cache=False,
                  mosaic=False, nc=None, skip_bad_labels=False, pad_color=114):
         if isinstance(path_or_list, (list, tuple)):
             files = [os.path.abspath(os.fspath(p)) for p in path_or_list]
@@ -453,7 +467,7 @@ class LoadImagesAndLabels(Dataset):
             if cache:
                 self.imgs[i], hw0, _ = self._load_resized(i)
             else:
-                hw0 = _header_size(p) or _imread(p).shape[:2]
+                hw0 = _header_size(p) or imread(p).shape[:2]
             shapes.append(hw0)
         self.shapes = np.array(shapes, dtype=np.int64).reshape(-1, 2)
 
@@ -470,7 +484,7 @@ class LoadImagesAndLabels(Dataset):
 
     def _load_resized(self, i):
         """Image i from disk resized so that its long side is img_size: (BGR uint8, (h0, w0), (h, w))."""
-        img = _imread(self.img_files[i])
+        img = imread(self.img_files[i])
         h0, w0 = img.shape[:2]
         h, w = _scaled_size(h0, w0, self.img_size / max(h0, w0))
         if (h, w) != (h0, w0):
@@ -517,7 +531,7 @@ class LoadImagesAndLabels(Dataset):
             img4[y1a:y2a, x1a:x2a] = img[y1b:y1b + (y2a - y1a), x1b:x1b + (x2a - x1a)]
             lab = self.labels[idx]
             if len(lab):
-                box = _xywhn2xyxy(lab[:, 1:], w, h, x1a - x1b, y1a - y1b)
+                box = xywhn2xyxy(lab[:, 1:], w, h, x1a - x1b, y1a - y1b)
                 area = (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])
                 # clip to the pasted region: the rest of the box is not on the canvas
                 box[:, [0, 2]] = box[:, [0, 2]].clip(x1a, x2a)
@@ -542,7 +556,7 @@ class LoadImagesAndLabels(Dataset):
             img, _, pad = letterbox(img, s, color=self.pad_color, auto=False, scaleup=self.augment)
             shapes = (h0, w0), ((h / h0, w / w0), pad)
             lab = self.labels[index]
-            targets = np.concatenate((lab[:, :1], _xywhn2xyxy(lab[:, 1:], w, h, pad[0], pad[1])), 1)
+            targets = np.concatenate((lab[:, :1], xywhn2xyxy(lab[:, 1:], w, h, pad[0], pad[1])), 1)
             if self.augment:
                 img, targets = random_affine(img, targets, degrees=hyp['degrees'], translate=hyp['translate'],
                                              scale=hyp['scale'], shear=hyp['shear'], color=self.pad_color)
@@ -552,15 +566,13 @@ class LoadImagesAndLabels(Dataset):
         n = len(targets)
         labels_out = torch.zeros((n, 6), dtype=torch.float32)
         if n:
-            xywh = _xyxy2xywhn(targets[:, 1:5], img.shape[1], img.shape[0])
             labels_out[:, 1] = torch.from_numpy(np.ascontiguousarray(targets[:, 0], dtype=np.float32))
-            labels_out[:, 2:] = torch.from_numpy(xywh)
+            labels_out[:, 2:] = torch.from_numpy(xyxy2xywhn(targets[:, 1:5], img.shape[1], img.shape[0]))
         if self.augment and torch.rand(()).item() < hyp['fliplr']:
             img = img[:, ::-1]
             labels_out[:, 2] = 1 - labels_out[:, 2]
 
-        img = np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))  # BGR HWC -> RGB CHW
-        return torch.from_numpy(img).float().div_(255), labels_out, self.img_files[index], shapes
+        return image_tensor(img), labels_out, self.img_files[index], shapes
 
     @staticmethod
     def collate_fn(batch):

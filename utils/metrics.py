@@ -281,7 +281,7 @@ class DetectionStats:
         per_class = []
         for k, c in enumerate(res['classes'].tolist()):
             per_class.append({
-                'class': int(c), 'name': _class_name(names, c), 'images': self._image_counts.get(c, 0),
+                'class': int(c), 'name': class_name(names, c), 'images': self._image_counts.get(c, 0),
                 'targets': int(res['n_targets'][k]), 'P': float(res['p'][k]), 'R': float(res['r'][k]),
                 'F1': float(res['f1'][k]), 'AP50': float(res['ap'][k, 0]), 'AP50_95': float(res['ap'][k].mean())})
         has = len(per_class) > 0
@@ -298,7 +298,8 @@ class DetectionStats:
         }
 
 
-def _class_name(names, c):
+def class_name(names, c):
+    """names[c] (names: list or dict), or str(c) when there are no names or no name for c."""
     if names is None:
         return str(c)
     try:
@@ -312,7 +313,7 @@ def format_table(results, names=None):
     header = ['Class', 'Images', 'Targets', 'P', 'R', 'F1', 'mAP@0.5', 'mAP@0.5:0.95']
     rows = [header]
     for pc in results['per_class']:
-        name = _class_name(names, pc['class']) if names is not None else pc['name']
+        name = class_name(names, pc['class']) if names is not None else pc['name']
         rows.append([name, pc['images'], pc['targets']] +
                     [f"{pc[k]:.3f}" for k in ('P', 'R', 'F1', 'AP50', 'AP50_95')])
     rows.append(['all', results['images'], results['targets']] +
@@ -373,5 +374,5 @@ def coco_gt_from_labels(img_files, label_arrays, sizes, nc, names=None):
             annotations.append({'id': len(annotations) + 1, 'image_id': i, 'category_id': int(c),
                                 'bbox': [(xc - bw / 2) * w, (yc - bh / 2) * h, pw, ph],
                                 'area': pw * ph, 'iscrowd': 0})
-    categories = [{'id': c, 'name': _class_name(names, c)} for c in range(nc)]
+    categories = [{'id': c, 'name': class_name(names, c)} for c in range(nc)]
     return {'images': images, 'annotations': annotations, 'categories': categories}
