@@ -1,0 +1,446 @@
+"""Loss, sparsity (-sr) and train.py: what the training loop must guarantee.
+
+Tiny cfgs (tests/helpers.py) at 64-128 px and a few make_shapes images keep every run to seconds.
+"""
+import csv
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import train as train_module
+from data.make_shapes import make_shapes
+from models import Darknet, load_model
+from prune_utils import get_layer_set
+from tests.helpers import REPO, mini_tiny, mini_yolov3, write
+from utils.errors import DarkslimError
+from utils.loss import DEFAULT_HYP, build_targets, compute_loss
+from utils.parse_config import infer_shapes, parse_cfg_text
+from utils.sparsity import BNSparsity, gamma_histogram_png, sparsity_stats
+from utils.torch_utils import ModelEMA, select_device
+
+SHAPES_NC = 5  # make_shapes classes
+
+
+def model_from_text(text):
+    defs = parse_cfg_text(text)
+    infer_shapes(defs)
+    return Darknet(defs)
+
+
+def run_train(*argv):
+    return train_module.train(train_module.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def gammas(path, layers):
+    """{layer: BN gamma} stored in checkpoint `path`."""
+    state = torch.load(path, map_location='cpu', weights_only=True)['model']
+    return {i: state[f"module_list.{i}.BatchNorm2d.weight"] for i in layers}
+
+
+@pytest.fixture(scope='module')
+def shapes(tmp_path_factory):
+    """8 train / 4 val make_shapes images at 64 px (5 classes)."""
+    return make_shapes(tmp_path_factory.mktemp('shapes') / 'shapes', n_train=8, n_val=4, img_size=64, seed=0)
+
+
+@pytest.fixture(scope='module')
+def tiny5(tmp_path_factory):
+    return write(tmp_path_factory.mktemp('cfg'), 'tiny5.cfg', mini_tiny(nc=SHAPES_NC, width=64, height=64))
+
+
+# ------------------------------------------------------------------------------------------------------ loss
+
+def _wh_iou_py(a, b):
+    inter = min(a[0], b[0]) * min(a[1], b[1])
+    return inter / (a[0] * a[1] + b[0] * b[1] - inter)
+
+
+def test_targets_go_to_every_anchor_over_iou_t_and_always_to_the_best():
+    model = model_from_text(mini_tiny(nc=2, width=128, height=128)).train()
+    raw = model(torch.zeros(1, 3, 128, 128))
+    # a 70x52 px box (equal to one anchor) and a 2x2 px box (IoU < iou_t with every anchor)
+    targets = torch.tensor([[0, 1, 0.5, 0.5, 70 / 128, 52 / 128], [0, 0, 0.3, 0.7, 2 / 128, 2 / 128]])
+    got = build_targets(raw, targets, model)
+    heads = [model.module_list[i] for i in model.yolo_layers]
+    all_anchors = [tuple(a) for h in heads for a in h.anchors.tolist()]
+    for k, (_, c, cx, cy, w, h) in enumerate(targets.tolist()):
+        ious = [_wh_iou_py((w * 128, h * 128), a) for a in all_anchors]
+        best = max(range(len(ious)), key=ious.__getitem__)
+        expected, offset = set(), 0
+        for li, (head, p) in enumerate(zip(heads, raw)):
+            ny, nx = p.shape[2:4]
+            for a in range(head.na):
+                if ious[offset + a] > DEFAULT_HYP['iou_t'] or offset + a == best:
+                    expected.add((li, a, int(cy * ny), int(cx * nx), int(c)))
+            offset += head.na
+        found = {(li, a, gj, gi, c) for li, g in enumerate(got)
+                 for a, gj, gi, c, tb in zip(g['a'].tolist(), g['gj'].tolist(), g['gi'].tolist(), g['tcls'].tolist(),
+                                             g['tbox'].tolist())
+                 if abs(tb[2] - w * raw[li].shape[3]) < 1e-5 and abs(tb[3] - h * raw[li].shape[2]) < 1e-5}
+        assert found == expected
+    assert sum(len(g['b']) for g in got) > 2  # the big box matched several anchors, the tiny one exactly one
+
+
+def test_box_loss_is_zero_when_the_yolo_decoding_hits_the_target_with_scale_x_y():
+    """Raw outputs built by inverting models.YOLOLayer's decoding (scale_x_y = 1.2) so that the decoded box
+    equals the target: the GIoU loss must vanish; decoding without scale_x_y would miss."""
+    s = 1.2
+    model = model_from_text(mini_tiny(nc=2, width=128, height=128).replace('[yolo]\n', f'[yolo]\nscale_x_y={s}\n'))
+    model.train()
+    raw = [torch.zeros_like(p) for p in model(torch.zeros(1, 3, 128, 128))]
+    targets = torch.tensor([[0, 1, 0.43, 0.61, 40 / 128, 30 / 128]])
+    for p, g, i in zip(raw, build_targets(raw, targets, model), model.yolo_layers):
+        head = model.module_list[i]
+        ny, nx = p.shape[2:4]
+        for a, gj, gi in zip(g['a'].tolist(), g['gj'].tolist(), g['gi'].tolist()):
+            off = (0.43 * nx - gi, 0.61 * ny - gj)
+            p[0, a, gj, gi, :2] = torch.logit(torch.tensor([(o + (s - 1) / 2) / s for o in off]))
+            p[0, a, gj, gi, 2:4] = torch.log(torch.tensor([40., 30.]) / head.anchors[a])
+            # the model's own decoding of this cell: the target box in pixels
+            conv_out = p.permute(0, 1, 4, 2, 3).reshape(1, -1, ny, nx)
+            _, dec = head.eval()(conv_out, (128, 128))
+            row = dec.view(head.na, ny, nx, -1)[a, gj, gi, :4]
+            assert torch.allclose(row, torch.tensor([0.43 * 128, 0.61 * 128, 40, 30]), atol=1e-3)
+    _, items = compute_loss(raw, targets, model, img_hw=(128, 128))
+    assert items[0].item() < 1e-4
+    unscaled = model_from_text(mini_tiny(nc=2, width=128, height=128)).train()
+    _, items_wrong = compute_loss(raw, targets, unscaled, img_hw=(128, 128))
+    assert items_wrong[0].item() > 1e-2
+
+
+def test_predictions_overlapping_a_target_above_ignore_thresh_are_not_negatives():
+    model = model_from_text(mini_tiny(nc=2, width=128, height=128)).train()
+    raw = [torch.zeros_like(p) for p in model(torch.zeros(1, 3, 128, 128))]
+    # target 30x25 px centred at grid (16.5, 16.5) of the stride-4 head (anchors 7x9, 15x21, 30x25)
+    targets = torch.tensor([[0, 0, 66 / 128, 66 / 128, 30 / 128, 25 / 128]])
+    head_i = model.yolo_layers[1]
+    k = model.yolo_layers.index(head_i)
+    anchor = model.module_list[head_i].anchors[0]  # 7x9: wh-IoU 0.08 < iou_t, so not a positive
+    assert _wh_iou_py((30, 25), anchor.tolist()) < DEFAULT_HYP['iou_t']
+    raw[k][0, 0, 16, 16, 2:4] = torch.log(torch.tensor([30., 25.]) / anchor)  # decodes onto the target (IoU 1)
+    raw = [p.requires_grad_() for p in raw]
+    loss, _ = compute_loss(raw, targets, model, img_hw=(128, 128))
+    loss.backward()
+    assert raw[k].grad[0, 0, 16, 16, 4].item() == 0.0  # IoU 1 > ignore_thresh 0.7: ignored
+    assert raw[k].grad[0, 0, 2, 2, 4].item() > 0  # a background cell is pushed towards objectness 0
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = model_from_text(mini_tiny(nc=3, width=64, height=64)).train()
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.4], [1, 0, 0.25, 0.3, 0.15, 0.1], [1, 2, 0.7, 0.7, 0.5, 0.5]])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    hist = []
+    for _ in range(20):
+        loss, items = compute_loss(model(x), targets, model, img_hw=(64, 64))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        hist.append(items)
+    first, last = hist[0], torch.stack(hist[-3:]).mean(0)
+    assert last[3] < 0.5 * first[3]
+    assert last[0] < first[0] and last[2] < first[2]  # box and class terms learn too, not only objectness
+
+
+def _draw_image(size=64):
+    """An image with two filled rectangles and their targets (rows: 0, cls, cx, cy, w, h normalised)."""
+    img = np.full((size, size, 3), 90, np.uint8)
+    boxes = [(0, 8, 10, 30, 34), (1, 36, 30, 60, 56)]  # cls, x1, y1, x2, y2
+    colors = [(20, 220, 240), (240, 60, 30)]
+    rows = []
+    for (c, x1, y1, x2, y2), col in zip(boxes, colors):
+        cv2.rectangle(img, (x1, y1), (x2 - 1, y2 - 1), col, -1)
+        rows.append([0, c, (x1 + x2) / 2 / size, (y1 + y2) / 2 / size, (x2 - x1) / size, (y2 - y1) / size])
+    x = torch.from_numpy(img).permute(2, 0, 1).float().div(255)[None]
+    return x, torch.tensor(rows)
+
+
+def _best_cells(raw, targets, model):
+    """Per target: (objectness, true-class score) at its assigned (anchor, cell) of highest objectness."""
+    out = []
+    for k in range(len(targets)):
+        cells = [(p[b, a, gj, gi], c) for p, g in zip(raw, build_targets(raw, targets[k:k + 1], model))
+                 for b, a, gj, gi, c in zip(g['b'], g['a'], g['gj'], g['gi'], g['tcls'])]
+        row, c = max(cells, key=lambda rc: rc[0][4].item())
+        out.append((torch.sigmoid(row[4]).item(), torch.sigmoid(row[5 + c]).item()))
+    return out
+
+
+@pytest.mark.parametrize('nc', [1, 2])
+def test_one_image_overfit_reaches_high_objectness_and_class_score(nc):
+    """nc=1 included: the class score is trained too (darknet's score is objectness * class probability).
+    Scores are read in train mode (batch statistics): 100 steps are too few for BN running stats to settle."""
+    torch.manual_seed(0)
+    model = model_from_text(mini_tiny(nc=nc, width=64, height=64)).train()
+    train_module.init_head_biases(model, set(range(len(model.module_defs))))  # objectness prior as train.py
+    with torch.no_grad():  # class logits start at 0 (score 0.5): a high class score must be learned
+        for i in model.yolo_layers:
+            head = model.module_list[i]
+            model.module_list[model.inputs[i][0]][0].bias.view(head.na, head.no)[:, 5:] = 0
+    x, targets = _draw_image()
+    if nc == 1:
+        targets[:, 1] = 0
+    with torch.no_grad():
+        start = _best_cells(model(x), targets, model)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(100):
+        loss, items = compute_loss(model(x), targets, model, img_hw=(64, 64))
+        first = items if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first[2] > 0.1  # a class loss exists for nc == 1 as well
+    with torch.no_grad():
+        end = _best_cells(model(x), targets, model)
+    for (obj0, cls0), (obj1, cls1) in zip(start, end):
+        assert obj0 < 0.3 and obj1 > 0.5
+        assert cls0 < 0.7 and cls1 > 0.9
+
+
+# -------------------------------------------------------------------------------------------------- sparsity
+
+def test_sparsity_step_adds_s_sign_gamma_to_exactly_the_prunable_layers(capsys):
+    model = model_from_text(mini_yolov3(nc=2, width=64, height=64)).train()
+    layer_set = get_layer_set(model.module_defs, 0)
+    assert layer_set.prunable and layer_set.excluded  # this cfg has both kinds
+    loss, _ = compute_loss(model(torch.rand(1, 3, 64, 64)), torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.3]]), model)
+    loss.backward()
+    bns = {i: model.module_list[i][1] for i in list(layer_set.prunable) + list(layer_set.excluded)}
+    before = {i: bn.weight.grad.clone() for i, bn in bns.items()}
+    with torch.no_grad():
+        bns[layer_set.prunable[0]].weight[0] = -0.5  # a negative gamma gets -s
+    sr = BNSparsity(model, layer_set, s=0.01)
+    sr.step()
+    for i, bn in bns.items():
+        if i in layer_set.prunable:
+            assert torch.equal(bn.weight.grad, before[i] + 0.01 * torch.sign(bn.weight))
+        else:
+            assert torch.equal(bn.weight.grad, before[i])
+    out = capsys.readouterr().out
+    assert f"{len(layer_set.prunable)} BN layers regularized" in out
+    assert f"{len(layer_set.excluded)} BN layers excluded" in out
+    for i, why in layer_set.excluded.items():
+        assert f"{i}: {why}" in out
+
+
+def test_sparsity_stats_and_histogram(tmp_path):
+    model = model_from_text(mini_tiny(nc=2, width=64, height=64))
+    layer_set = get_layer_set(model.module_defs, 2)
+    n = sum(model.module_list[i][1].num_features for i in layer_set.prunable)
+    values = torch.linspace(0, 1, n)  # evenly spread |gamma|: share < 0.01 and percentiles known in closed form
+    k = 0
+    with torch.no_grad():
+        for i in sorted(layer_set.prunable):
+            w = model.module_list[i][1].weight
+            w.copy_(-values[k:k + w.numel()])  # negative: the stats use |gamma|
+            k += w.numel()
+    st = sparsity_stats(model, layer_set)
+    assert st['channels'] == n
+    assert st['small_share'] == pytest.approx(sum(1 for j in range(n) if j / (n - 1) < 0.01) / n)
+    assert st['p50'] == pytest.approx(0.5, abs=1e-6) and st['p90'] == pytest.approx(0.9, abs=1e-6)
+    counts, _ = gamma_histogram_png(model, layer_set, tmp_path / 'h.png', title='t')
+    assert counts.sum() == n
+    img = cv2.imread(str(tmp_path / 'h.png'))
+    assert img is not None and (img < 128).any()
+
+
+def _sr_pair(tmp_path, shapes, cfg, extra):
+    """The same seeded run without and with -sr (prune mode 0); returns (layer_set, plain.pt, sr.pt)."""
+    common = ['--cfg', cfg, '--data', shapes, '--img-size', 64, '--workers', 0, '--notest', '--seed', 3,
+              '--warmup-epochs', 0, *extra]
+    run_train(*common, '--out-dir', tmp_path / 'plain')
+    run_train(*common, '--out-dir', tmp_path / 'sr', '-sr', '--s', 0.05, '--prune', 0)
+    defs = parse_cfg_text(open(cfg).read())
+    return get_layer_set(defs[1:], 0), tmp_path / 'plain' / 'last.pt', tmp_path / 'sr' / 'last.pt'
+
+
+def test_sr_penalty_touches_only_the_prunable_layers_in_a_training_step(tmp_path, shapes):
+    cfg = write(tmp_path, 'y.cfg', mini_yolov3(nc=SHAPES_NC, width=64, height=64))
+    # one optimizer step: any difference between the runs is the penalty's own
+    ls, plain, sr = _sr_pair(tmp_path, shapes, cfg, ['--epochs', 1, '--batch-size', 8])
+    g0, g1 = gammas(plain, ls.excluded), gammas(sr, ls.excluded)
+    assert all(torch.equal(g0[i], g1[i]) for i in ls.excluded)
+    p0, p1 = gammas(plain, ls.prunable), gammas(sr, ls.prunable)
+    assert all((p1[i].abs() < p0[i].abs()).all() for i in ls.prunable)
+
+
+def test_sr_shrinks_regularized_gammas_faster(tmp_path, shapes, capsys):
+    cfg = write(tmp_path, 'y.cfg', mini_yolov3(nc=SHAPES_NC, width=64, height=64))
+    ls, plain, sr = _sr_pair(tmp_path, shapes, cfg, ['--epochs', 2, '--batch-size', 4])
+    def mean_abs(path, layers):
+        return torch.cat(list(gammas(path, layers).values())).abs().mean().item()
+
+    # 4 steps, lr 0.01 cosine-decayed, s 0.05, Nesterov momentum: the penalty alone moves |gamma| by ~0.0035
+    shrink = mean_abs(plain, ls.prunable) - mean_abs(sr, ls.prunable)
+    drift = abs(mean_abs(plain, ls.excluded) - mean_abs(sr, ls.excluded))  # only through the changed forward
+    assert shrink > 0.002 and drift < shrink / 4
+    out = capsys.readouterr().out
+    assert out.count('BN layers regularized') == 1  # the covered layers are printed once per run
+    assert 'epoch 1 sparsity:' in out
+    hist = cv2.imread(str(tmp_path / 'sr' / 'gamma_hist_epoch1.png'))
+    assert hist is not None and hist.shape[2] == 3
+    last_row = _csv_rows(tmp_path / 'sr' / 'results.csv')[-1]  # the logged stats are those of last.pt
+    st = sparsity_stats(load_model(None, sr), ls)
+    assert float(last_row['gamma_p50']) == pytest.approx(st['p50'], rel=1e-5)
+    assert float(last_row['gamma_small_share']) == pytest.approx(st['small_share'], abs=1e-6)
+    assert math.isnan(float(_csv_rows(tmp_path / 'plain' / 'results.csv')[-1]['gamma_p50']))
+
+
+def test_model_ema_is_the_decayed_average():
+    model = model_from_text(mini_tiny(nc=2, width=64, height=64))
+    ema = ModelEMA(model, decay=0.9, tau=1.0)
+    before = {k: v.clone() for k, v in ema.ema.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    d = 0.9 * (1 - math.exp(-1))
+    after, msd = ema.ema.state_dict(), model.state_dict()
+    for k, v in after.items():
+        if v.dtype.is_floating_point:
+            assert torch.allclose(v, d * before[k] + (1 - d) * msd[k], atol=1e-6)
+
+
+def test_select_device():
+    assert select_device('cpu') == torch.device('cpu')
+    with pytest.raises(DarkslimError, match='expected cpu, cuda or cuda:N'):
+        select_device('tpu')
+    if not torch.cuda.is_available():
+        with pytest.raises(DarkslimError, match='CUDA is not available'):
+            select_device('cuda:0')
+
+
+# ----------------------------------------------------------------------------------------------------- train.py
+
+def _csv_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path, shapes, tiny5, monkeypatch):
+    common = ['--cfg', tiny5, '--data', shapes, '--img-size', 64, '--batch-size', 4, '--workers', 0, '--seed', 1]
+    full = run_train(*common, '--epochs', 2, '--out-dir', tmp_path / 'full')
+
+    real_save = train_module.save_checkpoint
+
+    def save_then_interrupt(path, model, **extra):  # "Ctrl-C" right after the first last.pt is on disk
+        real_save(path, model, **extra)
+        if os.path.basename(path) == 'last.pt':
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, 'save_checkpoint', save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(*common, '--epochs', 2, '--out-dir', tmp_path / 'cut')
+    monkeypatch.setattr(train_module, 'save_checkpoint', real_save)
+    ckpt = torch.load(tmp_path / 'cut' / 'last.pt', weights_only=True)
+    assert ckpt['epoch'] == 0 and ckpt['optimizer']['state']  # momentum buffers saved
+
+    resumed = run_train('--resume', '--epochs', 2, '--out-dir', tmp_path / 'cut', '--workers', 0)
+    assert resumed['start_epoch'] == 1
+    a = torch.load(tmp_path / 'full' / 'last.pt', weights_only=True)
+    b = torch.load(tmp_path / 'cut' / 'last.pt', weights_only=True)
+    assert b['epoch'] == 1
+    for k in a['model']:  # same weights as the uninterrupted run: optimizer state and LR schedule restored
+        assert torch.allclose(a['model'][k], b['model'][k], atol=1e-5), k
+    for sa, sb in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
+        assert torch.allclose(sa['momentum_buffer'], sb['momentum_buffer'], atol=1e-5)
+    assert b['best_fitness'] == pytest.approx(a['best_fitness'])
+    assert [r['epoch'] for r in _csv_rows(tmp_path / 'cut' / 'results.csv')] == ['0', '1']
+    assert resumed['metrics']['mAP50'] == pytest.approx(full['metrics']['mAP50'], abs=1e-6)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, shapes, tiny5):
+    out = tmp_path_factory.mktemp('run')
+    summary = run_train('--cfg', tiny5, '--data', shapes, '--img-size', 64, '--batch-size', 4, '--workers', 0,
+                        '--epochs', 2, '--ema', '--out-dir', out)
+    return out, summary
+
+
+def test_artifacts_load_with_weights_only_and_in_darknet_readers(trained, tiny5):
+    out, summary = trained
+    rows = _csv_rows(out / 'results.csv')
+    assert [r['epoch'] for r in rows] == ['0', '1']
+    fit = [0.1 * float(r['mAP50']) + 0.9 * float(r['mAP50_95']) for r in rows]
+    assert float(rows[-1]['fitness']) == pytest.approx(fit[-1], abs=1e-5)
+    best = torch.load(out / 'best.pt', weights_only=True)
+    assert best['fitness'] == pytest.approx(max(fit), abs=1e-5)  # best by fitness, not by loss
+    last = torch.load(out / 'last.pt', weights_only=True)
+    assert set(last['ema']['train_model']) == set(last['model'])  # --ema: raw weights kept for --resume
+    assert summary['paths']['best_pt'] == str(out / 'best.pt')
+
+    from_pt = load_model(None, out / 'last.pt')
+    from_weights = load_model(tiny5, out / 'last.weights')
+    for k, v in from_pt.state_dict().items():
+        if v.is_floating_point():  # (num_batches_tracked is not part of a .weights file)
+            assert torch.equal(v, from_weights.state_dict()[k]), k
+
+    # OpenCV's Darknet importer reads last.weights with the cfg; centres and objectness agree with ours
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        inf, raw = from_pt(x)
+    net = cv2.dnn.readNetFromDarknet(str(tiny5), str(out / 'last.weights'))
+    net.setInput(x.numpy())
+    names = net.getUnconnectedOutLayersNames()
+    outs = net.forward(names)
+    outs = [outs[k] for k in sorted(range(len(names)), key=lambda k: int(names[k].split('_')[-1]))]
+    start = 0
+    for r, o in zip(raw, outs):
+        _, na, ny, nx, no = r.shape
+        ours = inf[0, start:start + na * ny * nx].view(na, ny, nx, no)
+        start += na * ny * nx
+        theirs = torch.from_numpy(o).view(ny, nx, na, no).permute(2, 0, 1, 3)
+        assert torch.allclose(ours[..., :2] / 64, theirs[..., :2], atol=2e-3)
+        assert torch.allclose(ours[..., 4], theirs[..., 4], atol=2e-3)
+
+
+def test_class_count_mismatch_exits_2_with_one_line(tmp_path, shapes):
+    cfg = write(tmp_path, 'three.cfg', mini_tiny(nc=3, width=64, height=64))
+    r = subprocess.run([sys.executable, 'train.py', '--cfg', str(cfg), '--data', str(shapes), '--epochs', '1',
+                        '--out-dir', str(tmp_path / 'o')], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'classes = 5' in lines[0] and '3 classes' in lines[0] and 'make-cfg' in lines[0]
+    assert not (tmp_path / 'o' / 'last.pt').exists()
+
+
+def test_non_finite_loss_stops_with_the_epoch_and_batch(tmp_path, shapes, tiny5):
+    with pytest.raises(DarkslimError, match=r'epoch 0, batch 0: non-finite loss'):
+        run_train('--cfg', tiny5, '--data', shapes, '--img-size', 64, '--workers', 0, '--epochs', 1,
+                  '--out-dir', tmp_path, '--hyp', 'giou=nan')
+
+
+def _free_port():
+    try:
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            return s.getsockname()[1]
+    except OSError:
+        return None
+
+
+def test_two_process_ddp_smoke_run_with_sr(tmp_path, shapes, tiny5):
+    port = _free_port()
+    if port is None:
+        pytest.skip('cannot bind a local port for torch.distributed')
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    # --sr-rate: torchrun's own parser would take `--s` for an ambiguous prefix of its options
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--nnodes', '1',
+                        '--master_addr', '127.0.0.1', '--master_port', str(port), 'train.py', '--cfg', str(tiny5),
+                        '--data', str(shapes), '--img-size', '64', '--batch-size', '4', '--epochs', '1',
+                        '--workers', '0', '-sr', '--sr-rate', '0.01', '--prune', '2', '--out-dir', str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count('BN layers regularized') == 1  # rank 0 alone prints and writes
+    assert len(_csv_rows(tmp_path / 'results.csv')) == 1
+    ckpt = torch.load(tmp_path / 'last.pt', weights_only=True)
+    assert ckpt['epoch'] == 0 and ckpt['args']['sr'] is True

@@ -1,0 +1,145 @@
+"""Sparsity training for network slimming (Liu et al. 2017): an L1 penalty s * sum|gamma| on BatchNorm scales.
+
+The layer set is prune_utils.get_layer_set(model.module_defs, mode): exactly the BN layers a later prune in that
+mode may thin are regularized, nothing else (one source of truth for train.py -sr and the prune scripts).
+
+    sr = BNSparsity(model, layer_set, s)   # prints the covered and excluded layers once
+    loss.backward(); sr.step(); optimizer.step()
+
+`step()` adds the subgradient s * sign(gamma) to gamma.grad once per optimizer step (with gradient accumulation
+call it once, after the last backward before the step; under AMP after `scaler.unscale_`). Under DDP call it on
+the wrapped model after backward: the gradients are already all-reduced and gamma is identical on every rank,
+so every rank adds the same term.
+"""
+import cv2
+import numpy as np
+import torch
+
+from utils.io import write_bytes_atomic
+from utils.torch_utils import de_parallel
+
+SMALL_GAMMA = 0.01  # |gamma| below this counts as "near zero" in sparsity_stats
+PERCENTILES = (1, 10, 50, 90, 99)
+
+
+def bn_modules(model, layers):
+    """{conv layer index: its BatchNorm2d} for `layers` of a Darknet (DDP wrapper allowed)."""
+    m = de_parallel(model)
+    out = {}
+    for i in layers:
+        seq = m.module_list[i]
+        if m.module_defs[i]['type'] != 'convolutional' or not isinstance(seq[1], torch.nn.BatchNorm2d):
+            raise ValueError(f"layer {i} is not a [convolutional] with batch_normalize")
+        out[i] = seq[1]
+    return out
+
+
+class BNSparsity:
+    """L1 sparsity on the BN gammas of `layer_set.prunable` (see the module docstring)."""
+
+    def __init__(self, model, layer_set, s, verbose=True):
+        if s < 0:
+            raise ValueError(f"sparsity rate s={s}; expected >= 0")
+        self.s = float(s)
+        self.layers = sorted(layer_set.prunable)
+        self.excluded = dict(layer_set.excluded)
+        self.bns = bn_modules(model, self.layers)
+        if verbose:
+            print(self.describe())
+
+    def describe(self):
+        n_ch = sum(bn.num_features for bn in self.bns.values())
+        lines = [f"sparsity (-sr, s={self.s:g}): {len(self.layers)} BN layers regularized ({n_ch} channels): "
+                 + (', '.join(map(str, self.layers)) or 'none'),
+                 f"sparsity: {len(self.excluded)} BN layers excluded:"]
+        lines += [f"  {i}: {why}" for i, why in sorted(self.excluded.items())]
+        return '\n'.join(lines)
+
+    @torch.no_grad()
+    def step(self):
+        """gamma.grad += s * sign(gamma) for every regularized BN (gamma.grad created if absent)."""
+        for bn in self.bns.values():
+            g = torch.sign(bn.weight) * self.s
+            if bn.weight.grad is None:
+                bn.weight.grad = g
+            else:
+                bn.weight.grad.add_(g)
+
+    @torch.no_grad()
+    def penalty(self):
+        """The L1 term's value s * sum|gamma| (for logging; its gradient is what step() adds)."""
+        if not self.bns:
+            return 0.0
+        return self.s * float(sum(bn.weight.abs().sum() for bn in self.bns.values()))
+
+
+def updateBN(model, s, layer_set):
+    """Functional form of BNSparsity(model, layer_set, s, verbose=False).step()."""
+    BNSparsity(model, layer_set, s, verbose=False).step()
+
+
+def prunable_gammas(model, layer_set):
+    """|gamma| of every regularized channel, concatenated (float32 CPU numpy)."""
+    bns = bn_modules(model, sorted(layer_set.prunable))
+    if not bns:
+        return np.zeros(0, np.float32)
+    return torch.cat([bn.weight.detach().abs().float().cpu() for bn in bns.values()]).numpy()
+
+
+def sparsity_stats(model, layer_set):
+    """{'channels', 'small_share' (share of |gamma| < SMALL_GAMMA), 'mean', 'p1', 'p10', 'p50', 'p90', 'p99'}
+    over the prunable layers' |gamma| (percentiles by linear interpolation, numpy's default)."""
+    g = prunable_gammas(model, layer_set)
+    out = {'channels': int(g.size), 'small_share': float((g < SMALL_GAMMA).mean()) if g.size else 0.0,
+           'mean': float(g.mean()) if g.size else 0.0}
+    for q in PERCENTILES:
+        out[f"p{q}"] = float(np.percentile(g, q)) if g.size else 0.0
+    return out
+
+
+def format_stats(st):
+    return (f"|gamma| over {st['channels']} prunable channels: {st['small_share']:.1%} < {SMALL_GAMMA}, "
+            f"mean {st['mean']:.4f}, " + ', '.join(f"p{q} {st[f'p{q}']:.4f}" for q in PERCENTILES))
+
+
+def _text(img, s, org, scale=0.45, color=(0, 0, 0)):
+    cv2.putText(img, s, org, cv2.FONT_HERSHEY_SIMPLEX, scale, color, 1, cv2.LINE_AA)
+
+
+def gamma_histogram_png(model, layer_set, path, title='', bins=60, size=(720, 420)):
+    """Histogram of the prunable layers' |gamma| drawn with OpenCV, written atomically to `path` (PNG).
+
+    x from 0 to max|gamma| in `bins` bins (bar heights linear in count), red line at SMALL_GAMMA; returns
+    (counts, edges) as numpy arrays."""
+    g = prunable_gammas(model, layer_set)
+    hi = float(g.max()) if g.size and g.max() > 0 else 1.0
+    counts, edges = np.histogram(g, bins=bins, range=(0.0, hi))
+    w, h = size
+    left, right, top, bottom = 60, 20, 50, 50
+    img = np.full((h, w, 3), 255, np.uint8)
+    pw, ph = w - left - right, h - top - bottom
+    cmax = max(int(counts.max()) if counts.size else 0, 1)
+    for k, c in enumerate(counts):
+        x1 = left + int(round(k * pw / bins))
+        x2 = left + int(round((k + 1) * pw / bins)) - 1
+        y1 = top + ph - int(round(c / cmax * ph))
+        if c:
+            cv2.rectangle(img, (x1, y1), (max(x1, x2), top + ph), (180, 110, 40), -1)
+    cv2.line(img, (left, top + ph), (left + pw, top + ph), (0, 0, 0), 1)
+    cv2.line(img, (left, top), (left, top + ph), (0, 0, 0), 1)
+    xs = left + int(round(min(SMALL_GAMMA / hi, 1.0) * pw))
+    cv2.line(img, (xs, top), (xs, top + ph), (0, 0, 220), 1)
+    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
+        x = left + int(round(frac * pw))
+        cv2.line(img, (x, top + ph), (x, top + ph + 4), (0, 0, 0), 1)
+        _text(img, f"{frac * hi:.3g}", (x - 15, top + ph + 20))
+    _text(img, str(cmax), (5, top + 5))
+    _text(img, '0', (40, top + ph))
+    _text(img, '|gamma|', (left + pw // 2 - 25, h - 8))
+    small = float((g < SMALL_GAMMA).mean()) if g.size else 0.0
+    _text(img, f"{title}  ({g.size} channels, {small:.1%} < {SMALL_GAMMA})", (left, 30), 0.55)
+    ok, buf = cv2.imencode('.png', img)
+    if not ok:
+        raise RuntimeError('PNG encoding failed')
+    write_bytes_atomic(path, buf.tobytes())
+    return counts, edges
