@@ -1,6 +1,6 @@
 """The whole network-slimming pipeline on the embedded shapes data (what `make demo` runs).
 
-    python demo.py [--out runs/demo] [--epochs 30] [--ft-epochs 6] [--img-size 160]
+    python demo.py [--out runs/demo] [--epochs 24] [--ft-epochs 4] [--img-size 192]
 
 1. generate the shapes dataset (data/make_shapes.py) into OUT/shapes
 2. sparse-train cfg/yolov3-demo.cfg (-sr --prune 1) and cfg/yolov3-tiny-demo.cfg (-sr --prune 2)
@@ -40,18 +40,18 @@ def get_args_parser():
     p.add_argument('--tiny-cfg', default='cfg/yolov3-tiny-demo.cfg', help='tiny-style model')
     p.add_argument('--n-train', type=int, default=800)
     p.add_argument('--n-val', type=int, default=200)
-    p.add_argument('--img-size', type=int, default=160)
-    p.add_argument('--epochs', type=int, default=30, help='sparse-training epochs (YOLOv3-style model)')
-    p.add_argument('--tiny-epochs', type=int, default=30, help='sparse-training epochs (tiny-style model)')
-    p.add_argument('--ft-epochs', type=int, default=6, help='fine-tuning epochs per pruned model')
-    p.add_argument('--batch-size', type=int, default=16)
+    p.add_argument('--img-size', type=int, default=192)
+    p.add_argument('--epochs', type=int, default=24, help='sparse-training epochs (YOLOv3-style model)')
+    p.add_argument('--tiny-epochs', type=int, default=24, help='sparse-training epochs (tiny-style model)')
+    p.add_argument('--ft-epochs', type=int, default=4, help='fine-tuning epochs per pruned model')
+    p.add_argument('--batch-size', type=int, default=8)
     p.add_argument('--lr0', type=float, default=0.01)
     p.add_argument('--s', type=float, default=0.001, help='L1 sparsity rate on BN gamma')
     p.add_argument('--percent', type=float, default=0.5, help='share of channels pruned (shortcut/normal/regular)')
     p.add_argument('--tiny-percent', type=float, default=0.5, help='share of channels pruned (tiny)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--workers', type=int, default=0)
-    p.add_argument('--latency-runs', type=int, default=20)
+    p.add_argument('--latency-runs', type=int, default=20, help='timed batch-1 passes (1 thread, fused)')
     return p
 
 
@@ -79,13 +79,20 @@ def last_map50(out_dir):
 
 def describe(cfg, weights, data, img_size, latency_runs):
     """params, BFLOPs, mAP@0.5 (test.test) and fused CPU latency of a cfg + weights."""
+    import torch
+
     import test as evaluation
     from models import load_model, model_info
     from prune_utils import cpu_latency
     model = load_model(cfg, weights)
     params, bflops = model_info(model.defs, img_size, img_size)
     r = evaluation.test(model, data, img_size=img_size, batch_size=16, verbose=False)
-    lat = cpu_latency(model, (img_size, img_size), latency_runs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: stable medians on a shared 2-core machine
+    try:
+        lat = cpu_latency(model, (img_size, img_size), latency_runs)
+    finally:
+        torch.set_num_threads(threads)
     return {'cfg': rel(cfg), 'weights': rel(weights), 'params': params, 'bflops': round(bflops, 4),
             'map50': round(r['mAP50'], 4), 'map50_95': round(r['mAP50_95'], 4),
             'latency_ms': round(lat * 1e3, 2) if lat else None}
@@ -159,7 +166,7 @@ def demo(args):
                   for f in [os.path.join(args.out, d, x) for x in os.listdir(os.path.join(out, d))]
                   if f.endswith('.png'))
     md = (f"# darkslim demo report\n\nData: `{report['data']}` (val split), input {args.img_size}x{args.img_size}, "
-          f"CPU latency at batch 1 (fused, median of {args.latency_runs}). Total time {report['seconds']:.0f} s.\n\n"
+          f"CPU latency at batch 1 (fused, 1 thread, median of {args.latency_runs}). Total time {report['seconds']:.0f} s.\n\n"
           f"{table}\n\nChannel charts: `{args.out}/pruned/*-channels.png`. "
           f"Gamma histograms: {', '.join(f'`{h}`' for h in hist[-2:]) or 'none'}.\n")
     write_text_atomic(os.path.join(out, 'report.md'), md)

@@ -46,7 +46,7 @@ from utils.io import write_text_atomic
 from utils.loss import DEFAULT_HYP as LOSS_HYP
 from utils.loss import compute_loss
 from utils.parse_config import infer_shapes, parse_cfg, parse_cfg_text
-from utils.torch_utils import ModelEMA, de_parallel, dist_info, init_seeds, select_device
+from utils.torch_utils import ModelEMA, dist_info, init_seeds, select_device
 
 RESULTS_HEADER = ['epoch', 'box', 'obj', 'cls', 'sparsity', 'total', 'precision', 'recall', 'mAP50', 'mAP50_95',
                   'f1', 'fitness', 'gamma_small_share', 'gamma_p50', 'lr', 'img_size', 'train_seconds',

@@ -163,9 +163,15 @@ def demo_train_args(data, cfg, out_dir, a):
 
 
 def bench_demo(a):
+    if a.work_dir:
+        return _bench_demo(a, a.work_dir)
+    with tempfile.TemporaryDirectory(prefix='darkslim-train-bench-') as work:
+        return _bench_demo(a, work)
+
+
+def _bench_demo(a, work):
     import train as train_module
     from data.make_shapes import make_shapes
-    work = a.work_dir or tempfile.mkdtemp(prefix='darkslim-train-bench-')
     data_dir = os.path.join(work, f"shapes_{a.n_train}_{a.n_val}_{a.data_size}_s{a.data_seed}")
     t0 = time.perf_counter()
     if not os.path.isfile(os.path.join(data_dir, 'shapes.data')):
@@ -237,7 +243,7 @@ def get_args_parser():
     p.add_argument('--workers', type=int, default=0, help='0: augment in this process (2 cores)')
     p.add_argument('--no-cache', dest='cache', action='store_false', help='decode images every epoch')
     p.add_argument('--mosaic', action='store_true')
-    p.add_argument('--hyp', nargs='*', default=['cls=2.0'])
+    p.add_argument('--hyp', nargs='*', help='train.py --hyp overrides (loss/augmentation)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--name', default='train', help='result name: bench/results/<name>.json')
     return p
