@@ -29,6 +29,7 @@ import argparse
 import math
 import os
 import resource
+import sys
 import time
 
 import torch
@@ -163,11 +164,11 @@ def _restore_args(args, saved):
     continues the same run); options given on this command line win. The cfg comes from the checkpoint
     when --cfg is not given."""
     defaults = vars(get_args_parser().parse_args([]))
+    explicit = set(getattr(args, 'explicit', ()))
     for k, v in saved.items():
-        if k in ('resume', 'cfg') or k not in defaults:
+        if k in ('resume', 'cfg', 'explicit') or k not in defaults or k in explicit:
             continue
-        if getattr(args, k) == defaults[k]:
-            setattr(args, k, v)
+        setattr(args, k, v)
     _check_args(args)
 
 
@@ -329,6 +330,10 @@ def _train(args, loss_hyp, data_hyp, rank, world, device):
                                                       ('results_csv', 'results.csv'))}
     if main_proc:
         os.makedirs(out_dir, exist_ok=True)
+        for k, p in paths.items():  # inputs are never modified
+            if args.weights and os.path.exists(p) and os.path.samefile(p, args.weights):
+                raise DarkslimError(f"--weights {args.weights} is {p} of --out-dir {out_dir}, which this run "
+                                    "overwrites; expected another --out-dir (or a copy of the weights)")
         if ckpt is None:  # a fresh run: a previous run's best.* would be compared with this run's fitness
             for k in ('best_pt', 'best_weights'):
                 if os.path.isfile(paths[k]):
@@ -347,7 +352,7 @@ def _train(args, loss_hyp, data_hyp, rank, world, device):
         train_model.train()
         # per-epoch seeds: a resumed run draws the same batches and augmentations as an uninterrupted one
         torch.manual_seed(args.seed + 1000003 * epoch + rank)
-        gen.manual_seed(args.seed + epoch)
+        gen.manual_seed(args.seed + epoch + 7919 * rank)  # DataLoader worker seeds: distinct per rank
         if sampler is not None:
             sampler.set_epoch(epoch)
         mloss = torch.zeros(5)  # running means: box, obj, cls, sparsity, total
@@ -372,7 +377,10 @@ def _train(args, loss_hyp, data_hyp, rank, world, device):
             with torch.autocast(device_type=device.type, enabled=amp):
                 raw = train_model(imgs)
                 loss, items = compute_loss(raw, targets, model, loss_hyp, img_hw=imgs.shape[-2:])
-            if not torch.isfinite(loss):
+            bad = torch.tensor(0. if torch.isfinite(loss) else 1., device=device)
+            if ddp:  # every rank stops together instead of hanging in the gradient all-reduce
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad.item():
                 raise DarkslimError(f"epoch {epoch}, batch {i}: non-finite loss {loss.item()} (box, obj, cls = "
                                     f"{', '.join(f'{v:.4g}' for v in items[:3].tolist())}); expected finite: "
                                     f"lower --lr0 or check the labels")
@@ -461,8 +469,19 @@ def _train(args, loss_hyp, data_hyp, rank, world, device):
     return summary
 
 
+class _ArgParser(argparse.ArgumentParser):
+    """Records which options the command line gave (`args.explicit`), so --resume restores only the others."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else list(args)
+        ns, rest = super().parse_known_args(argv, namespace)
+        given = {tok.split('=', 1)[0] for tok in argv if tok.startswith('-')}
+        ns.explicit = sorted(a.dest for a in self._actions if given & set(a.option_strings))
+        return ns, rest
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument('--cfg', help='Darknet .cfg (optional with --resume: the checkpoint stores it)')
     p.add_argument('--data', help='Darknet .data file (classes, train, valid[, names])')
     p.add_argument('--weights', help='initial weights: darknet .weights or darkslim .pt (model only)')

@@ -444,3 +444,22 @@ def test_two_process_ddp_smoke_run_with_sr(tmp_path, shapes, tiny5):
     assert len(_csv_rows(tmp_path / 'results.csv')) == 1
     ckpt = torch.load(tmp_path / 'last.pt', weights_only=True)
     assert ckpt['epoch'] == 0 and ckpt['args']['sr'] is True
+
+
+def test_resume_keeps_options_given_explicitly_even_at_their_default():
+    # the interrupted run used --device cuda; `--resume --device cpu` must stay on cpu (cpu is the default)
+    args = train_module.get_args_parser().parse_args(['--resume', '--device', 'cpu', '--epochs', '3'])
+    train_module._restore_args(args, {'device': 'cuda', 'epochs': 9, 'lr0': 0.123, 'batch_size': 4})
+    assert (args.device, args.epochs) == ('cpu', 3)        # given on the command line: kept
+    assert (args.lr0, args.batch_size) == (0.123, 4)       # not given: the interrupted run's
+
+
+def test_weights_inside_the_out_dir_are_refused_not_overwritten(tmp_path, shapes, tiny5):
+    out = tmp_path / 'run'
+    run_train('--cfg', tiny5, '--data', shapes, '--img-size', 64, '--batch-size', 4, '--workers', 0,
+              '--epochs', 1, '--out-dir', out)
+    before = (out / 'best.pt').read_bytes()
+    with pytest.raises(DarkslimError, match='overwrites'):
+        run_train('--cfg', tiny5, '--data', shapes, '--img-size', 64, '--batch-size', 4, '--workers', 0,
+                  '--epochs', 1, '--out-dir', out, '--weights', out / 'best.pt')
+    assert (out / 'best.pt').read_bytes() == before

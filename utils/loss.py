@@ -159,7 +159,8 @@ def compute_loss(raw, targets, model, hyp=None, img_hw=None):
         p = p.float()  # AMP: losses in float32
         b, a, gj, gi = tg['b'], tg['a'], tg['gj'], tg['gi']
         tobj = torch.zeros_like(p[..., 4])
-        weight = (~ignore_mask(p, head, float(d.get('ignore_thresh', 1.0)), targets, tg['stride'])).float()
+        ignore_thresh = float(d.get('ignore_thresh', 0.5))  # darknet's default (parser.c parse_yolo)
+        weight = (~ignore_mask(p, head, ignore_thresh, targets, tg['stride'])).float()
         nb = b.numel()
         if nb:
             ps = p[b, a, gj, gi]  # [nb, 5+nc]

@@ -73,11 +73,6 @@ class BNSparsity:
         return self.s * float(sum(bn.weight.abs().sum() for bn in self.bns.values()))
 
 
-def updateBN(model, s, layer_set):
-    """Functional form of BNSparsity(model, layer_set, s, verbose=False).step()."""
-    BNSparsity(model, layer_set, s, verbose=False).step()
-
-
 def prunable_gammas(model, layer_set):
     """|gamma| of every regularized channel, concatenated (float32 CPU numpy)."""
     bns = bn_modules(model, sorted(layer_set.prunable))
