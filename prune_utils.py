@@ -725,7 +725,7 @@ def channel_chart(plan, path, title=''):
     bar = max(6, min(24, 1200 // n))
     left, top, bottom, h_plot = 70, 40, 50, 360
     width = max(left + 20 + n * bar, 640)
-    img = np.full((top + h_plot + bottom, width, 3), 255, np.uint8)
+    img = np.full((top + h_plot + bottom, width, 3), np.iinfo(np.uint8).max, np.uint8)  # white
     top_ch = max([r[1] for r in rows] + [1])
     y0 = top + h_plot
     for t in range(5):                                # y grid with channel counts

@@ -25,7 +25,7 @@ Design (what is computed, and where it differs from darknet or ultralytics-v3):
   probability, so a 1-class model's class score must be trained too.
 - Gains (hyp): giou 3.54, obj 64.3 (ultralytics-v3's COCO-tuned values for mean-reduced losses) and cls 2.0
   for the class BCE summed over classes (no class count in the formula). ultralytics-v3's class gain, 37.4
-  averaged over the classes and rescaled by nc/80, equals 37.4/80 = 0.4675 in this sum form; with it a
+  averaged over the classes and rescaled by nc/nc_coco, equals 37.4/nc_coco = 0.4675 in this sum form; with it a
   5-class model learns its classes far more slowly (bench/train_bench.py demo, same run otherwise: mAP@0.5
   0.54 vs 0.91 after 24 epochs), so the default is 2.0; `train.py --hyp cls=0.4675` restores ultralytics'.
   Each term is summed over the [yolo] layers. The total is a per-batch mean, so the batch size does not change

@@ -111,7 +111,7 @@ def gamma_histogram_png(model, layer_set, path, title='', bins=60, size=(720, 42
     counts, edges = np.histogram(g, bins=bins, range=(0.0, hi))
     w, h = size
     left, right, top, bottom = 60, 20, 50, 50
-    img = np.full((h, w, 3), 255, np.uint8)
+    img = np.full((h, w, 3), np.iinfo(np.uint8).max, np.uint8)  # white
     pw, ph = w - left - right, h - top - bottom
     cmax = max(int(counts.max()) if counts.size else 0, 1)
     for k, c in enumerate(counts):
