@@ -3,9 +3,7 @@
     python demo.py [--out runs/demo] [--epochs 24] [--ft-epochs 4] [--img-size 192]
 
 1. generate the shapes dataset (data/make_shapes.py) into OUT/shapes
-2. sparse-train cfg/yolov3-demo.cfg (-sr --prune 1) and cfg/yolov3-tiny-demo.cfg (-sr --prune 2), starting
-   from the base weights shipped in data/demo-weights/ (the "load Darknet weights" step of the pipeline; they
-   were trained from scratch on the same data by `python demo.py --make-base`, which retrains them)
+2. sparse-train cfg/yolov3-demo.cfg (-sr --prune 1) and cfg/yolov3-tiny-demo.cfg (-sr --prune 2)
 3. prune: normal, regular (power of two), regular --round-to 8, shortcut on the YOLOv3-style model;
    tiny on the tiny-style model
 4. fine-tune each pruned model briefly
@@ -43,12 +41,8 @@ def get_args_parser():
     p.add_argument('--n-train', type=int, default=800)
     p.add_argument('--n-val', type=int, default=200)
     p.add_argument('--img-size', type=int, default=192)
-    p.add_argument('--epochs', type=int, default=12, help='sparse-training epochs (YOLOv3-style model)')
-    p.add_argument('--tiny-epochs', type=int, default=10, help='sparse-training epochs (tiny-style model)')
-    p.add_argument('--base-dir', default='data/demo-weights', help='base .weights the sparse training starts from')
-    p.add_argument('--make-base', action='store_true',
-                   help='(re)train the base weights from scratch into --base-dir (--base-epochs) and stop')
-    p.add_argument('--base-epochs', type=int, default=40)
+    p.add_argument('--epochs', type=int, default=24, help='sparse-training epochs (YOLOv3-style model)')
+    p.add_argument('--tiny-epochs', type=int, default=24, help='sparse-training epochs (tiny-style model)')
     p.add_argument('--ft-epochs', type=int, default=4, help='fine-tuning epochs per pruned model')
     p.add_argument('--batch-size', type=int, default=8)
     p.add_argument('--lr0', type=float, default=0.01)
@@ -110,25 +104,6 @@ def train_cmd(args, cfg, data, out_dir, epochs, extra):
              '--out-dir', out_dir, '--cache'] + extra)
 
 
-def base_weights(args, cfg):
-    """data/demo-weights/<cfg stem>-base.weights"""
-    return os.path.join(REPO, args.base_dir, os.path.splitext(os.path.basename(cfg))[0] + '-base.weights')
-
-
-def make_base(args, data, log):
-    """Train both demo cfgs from scratch (no sparsity) and copy their best.weights into --base-dir."""
-    import shutil
-
-    from utils.io import atomic_path
-    for cfg in (args.cfg, args.tiny_cfg):
-        out_dir = os.path.join(REPO, args.out, 'base', os.path.splitext(os.path.basename(cfg))[0])
-        run(train_cmd(args, cfg, data, out_dir, args.base_epochs, []), log)
-        with atomic_path(base_weights(args, cfg)) as tmp:
-            shutil.copyfile(os.path.join(out_dir, 'best.weights'), tmp)
-        print(f"wrote {rel(base_weights(args, cfg))}")
-    return None
-
-
 def report_tables(report):
     """Markdown table: model | params | BFLOPs | mAP@0.5 sparse -> pruned -> fine-tuned | latency | speedup."""
     lines = ['| model | params | BFLOPs | mAP@0.5 sparse → pruned → fine-tuned | CPU latency (ms) | speedup |',
@@ -158,17 +133,11 @@ def demo(args):
         print(f"generating the shapes dataset into {rel(shapes)}", flush=True)
         make_shapes(shapes, args.n_train, args.n_val, args.img_size, args.seed)
 
-    if args.make_base:
-        return make_base(args, data, log)
     report = {'data': rel(data), 'pruned': {}}
     sparse_dirs = {'sparse': (args.cfg, os.path.join(out, 'sparse'), args.epochs, '1'),
                    'tiny_sparse': (args.tiny_cfg, os.path.join(out, 'tiny-sparse'), args.tiny_epochs, '2')}
     for key, (cfg, out_dir, epochs, mode) in sparse_dirs.items():
-        base = base_weights(args, cfg)
-        start = ['--weights', base] if os.path.isfile(base) else []
-        if not start:
-            print(f"{rel(base)} not found: sparse training starts from scratch (raise --epochs)", flush=True)
-        run(train_cmd(args, cfg, data, out_dir, epochs, ['-sr', '--s', args.s, '--prune', mode] + start), log)
+        run(train_cmd(args, cfg, data, out_dir, epochs, ['-sr', '--s', args.s, '--prune', mode]), log)
         report[key] = describe(os.path.join(REPO, cfg), os.path.join(out_dir, 'best.pt'), data, args.img_size,
                                args.latency_runs)
 
