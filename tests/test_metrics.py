@@ -436,3 +436,15 @@ def test_coco_gt_from_yolo_labels():
     assert [c['id'] for c in gt['categories']] == [0, 1]
     with pytest.raises(DarkslimError, match='a.jpg'):
         coco_gt_from_labels(['a.jpg'], [np.array([[2, 0.5, 0.5, 0.1, 0.1]])], [(10, 10)], nc=2)
+
+
+def test_box_iou_batched_equals_per_image():
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(3, 7, 2, generator=g) * 50
+    a = torch.cat((xy, xy + torch.rand(3, 7, 2, generator=g) * 30), -1)
+    xy = torch.rand(3, 4, 2, generator=g) * 50
+    b = torch.cat((xy, xy + torch.rand(3, 4, 2, generator=g) * 30), -1)
+    batched = box_iou(a, b)
+    assert batched.shape == (3, 7, 4)
+    for k in range(3):
+        assert torch.equal(batched[k], box_iou(a[k], b[k]))

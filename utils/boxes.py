@@ -65,15 +65,16 @@ def box_area(boxes):
 
 def box_iou(box1, box2):
     """Pairwise IoU of xyxy boxes: box1 [N, 4], box2 [M, 4] -> [N, M] (torch or numpy, same kind as box1).
+    Torch also takes leading batch dims: [B, N, 4], [B, M, 4] -> [B, N, M].
 
     Boxes with zero union (two empty boxes) have IoU 0.
     """
     if isinstance(box1, torch.Tensor):
         box2 = torch.as_tensor(box2, dtype=box1.dtype, device=box1.device)
-        lt = torch.maximum(box1[:, None, :2], box2[None, :, :2])  # [N, M, 2]
-        rb = torch.minimum(box1[:, None, 2:], box2[None, :, 2:])
-        inter = (rb - lt).clamp(min=0).prod(2)
-        union = box_area(box1)[:, None] + box_area(box2)[None, :] - inter
+        lt = torch.maximum(box1[..., :, None, :2], box2[..., None, :, :2])  # [..., N, M, 2]
+        rb = torch.minimum(box1[..., :, None, 2:], box2[..., None, :, 2:])
+        inter = (rb - lt).clamp(min=0).prod(-1)
+        union = box_area(box1)[..., :, None] + box_area(box2)[..., None, :] - inter
         return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(inter))
     box1 = np.asarray(box1, dtype=np.float64)
     box2 = np.asarray(box2, dtype=np.float64)

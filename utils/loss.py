@@ -34,7 +34,7 @@ Design (what is computed, and where it differs from darknet or ultralytics-v3):
 import torch
 import torch.nn.functional as F
 
-from utils.boxes import bbox_giou, wh_iou, xywh2xyxy
+from utils.boxes import bbox_giou, box_iou, wh_iou, xywh2xyxy
 from utils.torch_utils import de_parallel
 
 DEFAULT_HYP = {
@@ -94,17 +94,6 @@ def build_targets(raw, targets, model, hyp=None, img_hw=None):
     return out
 
 
-def _batched_iou(a, b):
-    """IoU of xyxy boxes per image: a [B, P, 4], b [B, T, 4] -> [B, P, T] (empty boxes give 0)."""
-    lt = torch.maximum(a[:, :, None, :2], b[:, None, :, :2])
-    rb = torch.minimum(a[:, :, None, 2:], b[:, None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(3)
-    area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(2)
-    area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(2)
-    union = area_a[:, :, None] + area_b[:, None, :] - inter
-    return inter / union.clamp(min=1e-9)
-
-
 def ignore_mask(p, head, ignore_thresh, targets, stride):
     """[B, na, H, W] bool: cells whose decoded box has IoU > ignore_thresh with a target of its image.
 
@@ -133,7 +122,7 @@ def ignore_mask(p, head, ignore_thresh, targets, stride):
         tb = torch.zeros((bsz, int(counts.max()), 4), device=dev)
         gbox = t[:, 2:6] * torch.tensor([nx, ny, nx, ny], device=dev, dtype=torch.float32)
         tb[bi, pos] = xywh2xyxy(gbox)
-        best = _batched_iou(pbox, tb).amax(2)  # [B, P]
+        best = box_iou(pbox, tb).amax(2)  # [B, P]
     return (best > ignore_thresh).view(bsz, na, ny, nx)
 
 
