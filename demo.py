@@ -1,15 +1,20 @@
 """The whole network-slimming pipeline on the embedded shapes data (what `make demo` runs).
 
-    python demo.py [--out runs/demo] [--epochs 24] [--ft-epochs 4] [--img-size 192]
+    python demo.py [--out runs/demo] [--epochs 20] [--ft-epochs 4] [--img-size 192] [--jobs 2]
 
 1. generate the shapes dataset (data/make_shapes.py) into OUT/shapes
-2. sparse-train cfg/yolov3-demo.cfg (-sr --prune 1) and cfg/yolov3-tiny-demo.cfg (-sr --prune 2)
-3. prune: normal, regular (power of two), regular --round-to 8, shortcut on the YOLOv3-style model;
-   tiny on the tiny-style model
-4. fine-tune each pruned model briefly
-5. print and save OUT/report.md and OUT/report.json; channel charts and gamma histograms lie beside them
+2. sparse-train cfg/yolov3-demo.cfg (-sr --prune 1) and cfg/yolov3-tiny-demo.cfg (-sr --prune 2), --s 0.01
+3. prune: normal (--percent 0.6), regular (power of two), regular --round-to 8, shortcut (0.5) on the
+   YOLOv3-style model; tiny (0.5) on the tiny-style model; --min-keep 2 for a layer the cut would empty
+4. fine-tune each pruned model briefly (--lr0 0.005)
+5. measure mAP@0.5 and CPU latency once all training stopped; print and save OUT/report.md and OUT/report.json;
+   channel charts (OUT/pruned/*-channels.png) and gamma histograms (OUT/sparse*/gamma_hist_epoch*.png) lie
+   beside them
 
-Every step runs the real command line (train.py, *_prune.py) as a user would, so its progress shows.
+Every step runs the real command line (train.py, *_prune.py) as a user would. Steps whose inputs are ready run
+--jobs at a time (default 2, one thread each: on a 2-core CPU two one-thread trainings get ~1.25x the work done
+of one two-thread training); each output line is prefixed with its step's name and the whole output is kept in
+OUT/logs/STEP.log.
 """
 import argparse
 import csv
@@ -17,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 from utils.errors import DarkslimError, cli_main
@@ -41,29 +47,94 @@ def get_args_parser():
     p.add_argument('--n-train', type=int, default=800)
     p.add_argument('--n-val', type=int, default=200)
     p.add_argument('--img-size', type=int, default=192)
-    p.add_argument('--epochs', type=int, default=24, help='sparse-training epochs (YOLOv3-style model)')
-    p.add_argument('--tiny-epochs', type=int, default=24, help='sparse-training epochs (tiny-style model)')
+    p.add_argument('--epochs', type=int, default=20, help='sparse-training epochs (YOLOv3-style model)')
+    p.add_argument('--tiny-epochs', type=int, default=20, help='sparse-training epochs (tiny-style model)')
+    p.add_argument('--eval-interval', type=int, default=4, help='sparse training: evaluate every N epochs')
     p.add_argument('--ft-epochs', type=int, default=4, help='fine-tuning epochs per pruned model')
     p.add_argument('--batch-size', type=int, default=8)
-    p.add_argument('--lr0', type=float, default=0.01)
-    p.add_argument('--s', type=float, default=0.001, help='L1 sparsity rate on BN gamma')
-    p.add_argument('--percent', type=float, default=0.5, help='share of channels pruned (shortcut/normal/regular)')
+    p.add_argument('--lr0', type=float, default=0.01, help='sparse training learning rate')
+    p.add_argument('--ft-lr0', type=float, default=0.005, help='fine-tuning learning rate')
+    p.add_argument('--s', type=float, default=0.01, help='L1 sparsity rate on BN gamma')
+    p.add_argument('--percent', type=float, default=0.5, help='share of channels pruned (regular, shortcut)')
+    p.add_argument('--normal-percent', type=float, default=0.6, help='share of channels pruned (normal)')
     p.add_argument('--tiny-percent', type=float, default=0.5, help='share of channels pruned (tiny)')
+    p.add_argument('--min-keep', type=int, default=2,
+                   help='a layer the cut would empty keeps its K highest-|gamma| channels')
+    p.add_argument('--jobs', type=int, default=min(2, os.cpu_count() or 1),
+                   help='steps run at once (each with cpu_count / jobs threads)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--workers', type=int, default=0)
-    p.add_argument('--latency-runs', type=int, default=20, help='timed batch-1 passes (1 thread, fused)')
+    p.add_argument('--latency-runs', type=int, default=30, help='timed batch-1 passes per model (1 thread, fused)')
     return p
 
 
-def run(cmd, log):
-    """Run a command from the repository root, streaming its output; DarkslimError when it fails."""
-    cmd = [sys.executable] + [str(c) for c in cmd]
-    print(f"\n$ {' '.join(os.path.relpath(c, REPO) if os.path.isabs(c) else c for c in cmd[1:])}", flush=True)
-    t = time.perf_counter()
-    r = subprocess.run(cmd, cwd=REPO)
-    log.append({'cmd': cmd[1:], 'seconds': round(time.perf_counter() - t, 1)})
-    if r.returncode:
-        raise DarkslimError(f"step failed (exit {r.returncode}): {' '.join(cmd[1:])}")
+class Step:
+    """One command line of the pipeline; it starts once every step named in `after` succeeded."""
+
+    def __init__(self, name, cmd, after=()):
+        self.name, self.cmd, self.after = name, [str(c) for c in cmd], tuple(after)
+
+
+def _relay(stream, prefix, log_path, lock):
+    """Copy a child's output to our stdout as '[name] line' and to its log file. tqdm redraws a bar with \r;
+    of each line only the last redraw is kept, so two children's bars do not garble each other."""
+    def emit(line):
+        parts = line.decode(errors='replace').split('\r')
+        text = next((t for t in reversed(parts) if t.strip()), '')
+        log_file.write(text + '\n')
+        with lock:
+            print(prefix + text, flush=True)
+
+    buf = b''
+    with open(log_path, 'w') as log_file:
+        for chunk in iter(lambda: stream.read1(65536), b''):
+            *lines, buf = (buf + chunk).split(b'\n')
+            for line in lines:
+                emit(line)
+        if buf:
+            emit(buf)
+
+
+def run_steps(steps, jobs, log_dir, log):
+    """Run `steps` (in priority order) with up to `jobs` at once, each after the steps it needs; every child gets
+    cpu_count // jobs threads. DarkslimError naming the step and its log when one fails (the others stop)."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': str(threads), 'MKL_NUM_THREADS': str(threads)}
+    os.makedirs(log_dir, exist_ok=True)
+    pending, running, done, lock = list(steps), {}, set(), threading.Lock()
+    try:
+        while pending or running:
+            for step in list(pending):
+                if len(running) < jobs and all(a in done for a in step.after):
+                    pending.remove(step)
+                    with lock:
+                        print(f"\n[{step.name}] $ {' '.join(rel(c) if os.path.isabs(c) else c for c in step.cmd)}",
+                              flush=True)
+                    proc = subprocess.Popen([sys.executable] + step.cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT)
+                    log_path = os.path.join(log_dir, step.name + '.log')
+                    relay = threading.Thread(target=_relay, args=(proc.stdout, f"[{step.name}] ", log_path, lock),
+                                             daemon=True)
+                    relay.start()
+                    running[step.name] = (step, proc, relay, time.perf_counter(), log_path)
+            if not running and pending:
+                raise DarkslimError(f"steps {[s.name for s in pending]} wait on steps that never run")
+            time.sleep(0.2)
+            for name, (step, proc, relay, t, log_path) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                relay.join()
+                del running[name]
+                log.append({'step': name, 'cmd': step.cmd, 'seconds': round(time.perf_counter() - t, 1)})
+                if rc:
+                    raise DarkslimError(f"step {name} failed (exit {rc}): {' '.join(step.cmd)}; its output is in "
+                                        f"{rel(log_path)}")
+                done.add(name)
+    finally:
+        for step, proc, relay, t, log_path in running.values():
+            proc.terminate()
+            proc.wait()
 
 
 def rel(path):
@@ -77,30 +148,38 @@ def last_map50(out_dir):
     return max(float(r['mAP50']) for r in rows)
 
 
-def describe(cfg, weights, data, img_size, latency_runs):
-    """params, BFLOPs, mAP@0.5 (test.test) and fused CPU latency of a cfg + weights."""
-    import torch
-
+def describe(cfg, weights, data, img_size):
+    """(model, {cfg, weights, params, BFLOPs, mAP@0.5 by test.test}) of a cfg + weights."""
     import test as evaluation
     from models import load_model, model_info
-    from prune_utils import cpu_latency
     model = load_model(cfg, weights)
     params, bflops = model_info(model.defs, img_size, img_size)
     r = evaluation.test(model, data, img_size=img_size, batch_size=16, verbose=False)
+    print(f"  {rel(weights)}: {params:,} params, {bflops:.3f} BFLOPs, mAP@0.5 {r['mAP50']:.3f}", flush=True)
+    return model, {'cfg': rel(cfg), 'weights': rel(weights), 'params': params, 'bflops': round(bflops, 4),
+                   'map50': round(r['mAP50'], 4), 'map50_95': round(r['mAP50_95'], 4)}
+
+
+def measure_latency(models, img_size, runs):
+    """Median batch-1 CPU ms of each model (fused, one thread: stable on a 2-core machine), timed alternately so
+    machine drift hits all alike; None each when runs < 1."""
+    import torch
+
+    from prune_utils import latencies
+    if runs < 1:
+        return [None] * len(models)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: stable medians on a shared 2-core machine
+    torch.set_num_threads(1)
     try:
-        lat = cpu_latency(model, (img_size, img_size), latency_runs)
+        seconds, _ = latencies(models, (img_size, img_size), runs)
     finally:
         torch.set_num_threads(threads)
-    return {'cfg': rel(cfg), 'weights': rel(weights), 'params': params, 'bflops': round(bflops, 4),
-            'map50': round(r['mAP50'], 4), 'map50_95': round(r['mAP50_95'], 4),
-            'latency_ms': round(lat * 1e3, 2) if lat else None}
+    return [round(t * 1e3, 2) for t in seconds]
 
 
-def train_cmd(args, cfg, data, out_dir, epochs, extra):
+def train_cmd(args, cfg, data, out_dir, epochs, lr0, extra):
     return (['train.py', '--cfg', cfg, '--data', data, '--epochs', epochs, '--img-size', args.img_size,
-             '--batch-size', args.batch_size, '--lr0', args.lr0, '--seed', args.seed, '--workers', args.workers,
+             '--batch-size', args.batch_size, '--lr0', lr0, '--seed', args.seed, '--workers', args.workers,
              '--out-dir', out_dir, '--cache'] + extra)
 
 
@@ -123,6 +202,8 @@ def report_tables(report):
 
 def demo(args):
     t0 = time.perf_counter()
+    if args.jobs < 1:
+        raise DarkslimError(f"--jobs {args.jobs}; expected >= 1")
     out = os.path.join(REPO, args.out)
     os.makedirs(out, exist_ok=True)
     log = []
@@ -133,42 +214,68 @@ def demo(args):
         print(f"generating the shapes dataset into {rel(shapes)}", flush=True)
         make_shapes(shapes, args.n_train, args.n_val, args.img_size, args.seed)
 
-    report = {'data': rel(data), 'pruned': {}}
+    # step graph: sparse training -> prune (evaluates original, loose, compact) -> fine-tune
     sparse_dirs = {'sparse': (args.cfg, os.path.join(out, 'sparse'), args.epochs, '1'),
                    'tiny_sparse': (args.tiny_cfg, os.path.join(out, 'tiny-sparse'), args.tiny_epochs, '2')}
-    for key, (cfg, out_dir, epochs, mode) in sparse_dirs.items():
-        run(train_cmd(args, cfg, data, out_dir, epochs, ['-sr', '--s', args.s, '--prune', mode]), log)
-        report[key] = describe(os.path.join(REPO, cfg), os.path.join(out_dir, 'best.pt'), data, args.img_size,
-                               args.latency_runs)
-
+    steps = [Step(key, train_cmd(args, cfg, data, out_dir, epochs, args.lr0,
+                                 ['-sr', '--s', args.s, '--prune', mode, '--eval-interval', args.eval_interval]))
+             for key, (cfg, out_dir, epochs, mode) in sparse_dirs.items()]
+    prefixes, ft_dirs = {}, {}
     for name, script, extra, src in STRATEGIES:
         cfg, out_dir, _, _ = sparse_dirs[src]
-        prefix = os.path.join(out, 'pruned', name)
-        percent = args.tiny_percent if name == 'tiny' else args.percent
-        run([script, '--cfg', cfg, '--weights', os.path.join(out_dir, 'best.pt'), '--data', data,
-             '--percent', percent, '--img-size', args.img_size, '--latency-runs', 0, '--out', prefix] + extra, log)
-        pruned = describe(prefix + '.cfg', prefix + '.weights', data, args.img_size, args.latency_runs)
-        ft_dir = os.path.join(out, 'finetune', name)
-        run(train_cmd(args, prefix + '.cfg', data, ft_dir, args.ft_epochs, ['--weights', prefix + '.weights']), log)
-        tuned = describe(prefix + '.cfg', os.path.join(ft_dir, 'best.weights'), data, args.img_size,
-                         args.latency_runs)
-        report['pruned'][name] = {'cfg': rel(prefix + '.cfg'), 'weights': rel(os.path.join(ft_dir, 'best.weights')),
-                                  'pruned_weights': rel(prefix + '.weights'), 'params': pruned['params'],
-                                  'bflops': pruned['bflops'], 'map50_pruned': pruned['map50'],
-                                  'map50_finetuned': tuned['map50'], 'latency_ms': tuned['latency_ms'],
-                                  'channels_png': rel(prefix + '-channels.png')}
+        prefixes[name] = prefix = os.path.join(out, 'pruned', name)
+        ft_dirs[name] = ft_dir = os.path.join(out, 'finetune', name)
+        percent = args.tiny_percent if name == 'tiny' else args.normal_percent if name == 'normal' else args.percent
+        steps.append(Step(f"prune-{name}", [script, '--cfg', cfg, '--weights', os.path.join(out_dir, 'best.pt'),
+                                            '--data', data, '--percent', percent, '--min-keep', args.min_keep,
+                                            '--img-size', args.img_size, '--latency-runs', 0, '--out', prefix]
+                          + extra, after=[src]))
+    for name in prefixes:
+        steps.append(Step(f"finetune-{name}", train_cmd(args, prefixes[name] + '.cfg', data, ft_dirs[name],
+                                                        args.ft_epochs, args.ft_lr0,
+                                                        ['--weights', prefixes[name] + '.weights']),
+                          after=[f"prune-{name}"]))
+    print(f"running {len(steps)} steps, {args.jobs} at a time; each step's output is prefixed with its name and "
+          f"kept in {rel(os.path.join(out, 'logs'))}/", flush=True)
+    run_steps(steps, args.jobs, os.path.join(out, 'logs'), log)
+
+    # measured after all training stopped: mAP of the sparse and fine-tuned models, latency on a quiet machine
+    print("\nmeasuring mAP@0.5 and CPU latency of the sparse and fine-tuned models", flush=True)
+    report = {'data': rel(data), 'pruned': {}}
+    models = {}
+    for key, (cfg, out_dir, _, _) in sparse_dirs.items():
+        models[key], report[key] = describe(os.path.join(REPO, cfg), os.path.join(out_dir, 'best.pt'), data,
+                                            args.img_size)
+    for name in prefixes:
+        prefix = prefixes[name]
+        with open(prefix + '.json') as f:
+            pr = json.load(f)
+        models[name], tuned = describe(prefix + '.cfg', os.path.join(ft_dirs[name], 'best.weights'), data,
+                                       args.img_size)
+        report['pruned'][name] = {'cfg': rel(prefix + '.cfg'), 'weights': tuned['weights'],
+                                  'pruned_weights': rel(prefix + '.weights'), 'params': tuned['params'],
+                                  'bflops': tuned['bflops'], 'percent': pr['plan']['percent'],
+                                  'map50_pruned': round(pr['map']['compact']['mAP50'], 4),
+                                  'map50_finetuned': tuned['map50'], 'channels_png': rel(prefix + '-channels.png')}
+    print(f"timing batch-1 CPU latency ({args.latency_runs} passes per model, one thread)", flush=True)
+    for key, ms in zip(models, measure_latency(list(models.values()), args.img_size, args.latency_runs)):
+        (report[key] if key in sparse_dirs else report['pruned'][key])['latency_ms'] = ms
 
     report['seconds'] = round(time.perf_counter() - t0, 1)
     report['steps'] = log
     table = report_tables(report)
-    from utils.io import write_text_atomic
-    hist = sorted(f for d in ('sparse', 'tiny-sparse') if os.path.isdir(os.path.join(out, d))
-                  for f in [os.path.join(args.out, d, x) for x in os.listdir(os.path.join(out, d))]
-                  if f.endswith('.png'))
+    from utils.io import write_bytes_atomic, write_text_atomic
+    for key, (_, out_dir, epochs, _) in sparse_dirs.items():  # the last epoch's gamma histogram, beside the report
+        with open(os.path.join(out_dir, f"gamma_hist_epoch{epochs - 1}.png"), 'rb') as f:
+            report[key]['gamma_hist_png'] = rel(os.path.join(out, f"{key}-gamma-hist.png"))
+            write_bytes_atomic(os.path.join(REPO, report[key]['gamma_hist_png']), f.read())
+    charts = ', '.join(f"`{m['channels_png']}`" for m in report['pruned'].values())
     md = (f"# darkslim demo report\n\nData: `{report['data']}` (val split), input {args.img_size}x{args.img_size}, "
-          f"CPU latency at batch 1 (fused, 1 thread, median of {args.latency_runs}). Total time {report['seconds']:.0f} s.\n\n"
-          f"{table}\n\nChannel charts: `{args.out}/pruned/*-channels.png`. "
-          f"Gamma histograms: {', '.join(f'`{h}`' for h in hist[-2:]) or 'none'}.\n")
+          f"sparse training {args.epochs} (tiny {args.tiny_epochs}) epochs at --s {args.s:g}, fine-tuning "
+          f"{args.ft_epochs} epochs; CPU latency at batch 1 (fused, 1 thread, median of {args.latency_runs}). "
+          f"Total time {report['seconds']:.0f} s.\n\n{table}\n\n"
+          f"Gamma histograms after sparse training: `{report['sparse']['gamma_hist_png']}`, "
+          f"`{report['tiny_sparse']['gamma_hist_png']}`. Per-layer channel charts: {charts}.\n")
     write_text_atomic(os.path.join(out, 'report.md'), md)
     write_text_atomic(os.path.join(out, 'report.json'), json.dumps(report, indent=1) + '\n')
     print('\n' + table)

@@ -113,7 +113,7 @@ def _plain(v):
 
 
 def _check_args(args):
-    for name, lo in (('epochs', 1), ('batch_size', 1), ('accumulate', 1), ('workers', 0)):
+    for name, lo in (('epochs', 1), ('batch_size', 1), ('accumulate', 1), ('workers', 0), ('eval_interval', 1)):
         v = getattr(args, name)
         if v < lo:
             raise DarkslimError(f"--{name.replace('_', '-')} {v}; expected an integer >= {lo}")
@@ -421,7 +421,7 @@ def _train(args, loss_hyp, data_hyp, rank, world, device):
                 hist_paths.append(hp)
             t_eval = time.time()
             res = None
-            if val_loader is not None:
+            if val_loader is not None and (final or (epoch + 1) % args.eval_interval == 0):
                 import test as test_module
                 res = test_module.test(eval_model, args.data, img_size=img_size, batch_size=batch, device=device,
                                        dataloader=val_loader, verbose=final)
@@ -506,6 +506,8 @@ def get_args_parser():
     p.add_argument('--hyp', nargs='*', metavar='KEY=VALUE', help='loss/augmentation overrides '
                    '(utils/loss.py DEFAULT_HYP, utils/datasets.py DEFAULT_HYP), e.g. giou=3.54 fliplr=0')
     p.add_argument('--notest', action='store_true', help='no per-epoch evaluation (then no best.pt)')
+    p.add_argument('--eval-interval', type=int, default=1, metavar='N',
+                   help='evaluate (and pick best.pt) every N epochs and after the last one')
     p.add_argument('--nosave', action='store_true', help='write last.pt/last.weights only after the last epoch')
     p.add_argument('--mosaic', action='store_true', help='4-image mosaic augmentation')
     p.add_argument('--skip-bad-labels', action='store_true', help='drop bad label rows instead of stopping')

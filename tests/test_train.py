@@ -366,6 +366,16 @@ def trained(tmp_path_factory, shapes, tiny5):
     return out, summary
 
 
+def test_eval_interval_evaluates_every_nth_and_the_last_epoch(tmp_path, shapes, tiny5):
+    summary = run_train('--cfg', tiny5, '--data', shapes, '--img-size', 64, '--batch-size', 4, '--workers', 0,
+                        '--epochs', 3, '--eval-interval', 2, '--out-dir', tmp_path)
+    rows = _csv_rows(tmp_path / 'results.csv')
+    evaluated = [r['epoch'] for r in rows if r['mAP50'] != 'nan']
+    assert evaluated == ['1', '2']  # (epoch + 1) % 2 == 0, and the final epoch
+    assert torch.load(tmp_path / 'best.pt', weights_only=True)['epoch'] in (1, 2)
+    assert summary['best_epoch'] in (1, 2)
+
+
 def test_artifacts_load_with_weights_only_and_in_darknet_readers(trained, tiny5):
     out, summary = trained
     rows = _csv_rows(out / 'results.csv')

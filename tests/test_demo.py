@@ -1,0 +1,72 @@
+"""demo.py: the step runner (order, dependencies, failures, output relay) and one whole pipeline run at toy size,
+whose report must agree with the files it names."""
+import json
+
+import pytest
+
+import demo
+from models import load_model, model_info
+from tests.helpers import REPO
+from utils.errors import DarkslimError
+
+
+def test_steps_run_after_what_they_need_and_each_log_keeps_its_output(tmp_path):
+    order = tmp_path / 'order.txt'
+    append = "import sys; open(sys.argv[1], 'a').write(sys.argv[2] + chr(10)); print('did', sys.argv[2])"
+    steps = [demo.Step('c', ['-c', append, order, 'c'], after=['a', 'b']),
+             demo.Step('a', ['-c', "import time; time.sleep(0.5); " + append, order, 'a']),
+             demo.Step('b', ['-c', append, order, 'b'], after=['a'])]
+    log = []
+    demo.run_steps(steps, 2, tmp_path / 'logs', log)
+    assert order.read_text().split() == ['a', 'b', 'c']  # c waits for both, b for a, although listed first
+    assert [e['step'] for e in log] == ['a', 'b', 'c']
+    for name in 'abc':
+        assert (tmp_path / 'logs' / f'{name}.log').read_text() == f'did {name}\n'
+
+
+def test_relay_keeps_the_last_redraw_of_a_progress_bar(tmp_path, capsys):
+    # tqdm redraws with \r; a line ends with the bar's final state. No trailing newline: still relayed.
+    code = "import sys; sys.stdout.write('10%\\r50%\\r100%\\nnext line\\n\\rtail')"
+    demo.run_steps([demo.Step('bar', ['-c', code])], 1, tmp_path, [])
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith('[bar] ')]
+    assert printed[-3:] == ['[bar] 100%', '[bar] next line', '[bar] tail']
+    assert (tmp_path / 'bar.log').read_text() == '100%\nnext line\ntail\n'
+
+
+def test_a_failing_step_names_itself_and_its_log_and_stops_the_rest(tmp_path):
+    marker = tmp_path / 'never'
+    steps = [demo.Step('bad', ['-c', 'import sys; sys.exit(3)']),
+             demo.Step('later', ['-c', f"open({str(marker)!r}, 'w')"], after=['bad'])]
+    with pytest.raises(DarkslimError, match=r"step bad failed \(exit 3\).*bad\.log"):
+        demo.run_steps(steps, 2, tmp_path / 'logs', [])
+    assert not marker.exists()
+
+
+def test_a_step_waiting_on_an_unknown_step_is_an_error(tmp_path):
+    with pytest.raises(DarkslimError, match="wait on steps that never run"):
+        demo.run_steps([demo.Step('x', ['-c', 'pass'], after=['nope'])], 1, tmp_path, [])
+
+
+def test_toy_pipeline_report_agrees_with_the_files_it_names(tmp_path):
+    out = tmp_path / 'demo'
+    args = demo.get_args_parser().parse_args(
+        ['--out', str(out), '--n-train', '8', '--n-val', '4', '--img-size', '64', '--epochs', '1',
+         '--tiny-epochs', '1', '--ft-epochs', '1', '--eval-interval', '1', '--latency-runs', '1', '--jobs', '2'])
+    report = demo.demo(args)
+    on_disk = json.loads((out / 'report.json').read_text())
+    assert on_disk['pruned'].keys() == {'normal', 'regular', 'regular8', 'shortcut', 'tiny'}
+    for key in ('sparse', 'tiny_sparse'):
+        assert {'cfg', 'weights', 'params', 'bflops', 'map50', 'latency_ms'} <= on_disk[key].keys()
+        assert (REPO / on_disk[key]['gamma_hist_png']).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    for name, m in on_disk['pruned'].items():
+        assert {'cfg', 'weights', 'params', 'bflops', 'map50_pruned', 'map50_finetuned', 'latency_ms'} <= m.keys()
+        model = load_model(REPO / m['cfg'], REPO / m['weights'])  # paths are relative to the repository root
+        params, bflops = model_info(model.defs, 64, 64)
+        assert (params, round(bflops, 4)) == (m['params'], m['bflops'])
+        base = on_disk['tiny_sparse' if name == 'tiny' else 'sparse']
+        assert m['params'] < base['params']
+        assert (REPO / m['channels_png']).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert on_disk['pruned']['normal']['percent'] == args.normal_percent
+    md = (out / 'report.md').read_text()
+    assert all(f"| {name} |" in md for name in on_disk['pruned'])
+    assert report['pruned'].keys() == on_disk['pruned'].keys()
