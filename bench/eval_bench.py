@@ -76,6 +76,7 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
+    load_before = os.getloadavg()  # 1/5/15-min load: timings on a shared 2-core box depend on it
     with tempfile.TemporaryDirectory() as tmp:
         valid = val
         if args.limit:
@@ -101,7 +102,7 @@ def main(args):
                'note': 'random weights (seeded default init): conf_thres 0.001 as in test.py, so NMS sees many '
                        'candidates (up to max_nms 30000 per image) and keeps max_det per image; images/s covers '
                        'loading + letterbox, inference, NMS, matching and JSON',
-               'results': rows}
+               'load_average_before': load_before, 'load_average_after': os.getloadavg(), 'results': rows}
     write_result(args.name, payload)
     return rows
 

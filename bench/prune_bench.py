@@ -1,6 +1,6 @@
 """Pruning speed and payoff on yolov3 at 416 with a synthetic sparse-trained gamma distribution.
 
-    python bench/prune_bench.py [--cfg cfg/yolov3.cfg] [--img-size 416] [--runs 5] [--threads 1]
+    python bench/prune_bench.py [--cfg cfg/yolov3.cfg] [--img-size 416] [--runs 15] [--threads 1]
 
 (a) wall time of the whole prune from files (load .weights, layer set, plan, loose + compact surgery, write
     cfg/.weights/.pt/.json/.png), mAP evaluation and latency timing excluded; target <= 10 s on a 2-core CPU.
@@ -46,7 +46,7 @@ def get_args_parser():
     p.add_argument('--img-size', type=int, default=416)
     p.add_argument('--percent', type=float, default=0.5)
     p.add_argument('--near-zero', type=float, default=0.7, help='share of BN channels with |gamma| near 0')
-    p.add_argument('--runs', type=int, default=5, help='timed forward passes per model (median)')
+    p.add_argument('--runs', type=int, default=15, help='timed forward passes per model (median)')
     p.add_argument('--threads', type=int, default=1, help='torch intra-op threads (0 = torch default)')
     return p
 
