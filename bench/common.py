@@ -2,7 +2,8 @@
 
     from bench.common import machine_info, print_table, write_result
     print_table([['step', 's'], ['load', 1.2]], title='yolov3')
-    write_result('io', {...})      # -> bench/results/io.json with machine, date, git commit added (atomic)
+    load = load_average()          # before measuring: other jobs on the box slow every number
+    write_result('io', {...}, load)  # -> bench/results/io.json with machine, date, git commit, load added (atomic)
 """
 import datetime
 import json
@@ -56,12 +57,18 @@ def machine_info():
     return info
 
 
-def write_result(name, payload):
-    """Write bench/results/<name>.json atomically: `payload` plus machine, date (UTC ISO) and git commit.
-    Returns the path."""
+def load_average():
+    """[1, 5, 15]-minute load averages, rounded to 0.01."""
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def write_result(name, payload, load_start):
+    """Write bench/results/<name>.json atomically: `payload` plus machine, date (UTC ISO), git commit and the
+    load average at `load_start` (taken before measuring) and now. Returns the path."""
     from utils.io import write_text_atomic
     out = {'name': name, 'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-           'git_commit': git_commit(), 'machine': machine_info(), **payload}
+           'git_commit': git_commit(), 'machine': machine_info(),
+           'load_average': {'start': load_start, 'end': load_average()}, **payload}
     path = os.path.join(RESULTS, f'{name}.json')
     write_text_atomic(path, json.dumps(out, indent=2, default=str) + '\n')
     print(f"wrote {os.path.relpath(path)}")

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import test as evaluation  # noqa: E402
-from bench.common import print_table, write_result  # noqa: E402
+from bench.common import load_average, print_table, write_result  # noqa: E402
 from models import Darknet, model_info  # noqa: E402
 from utils.datasets import load_names  # noqa: E402
 from utils.errors import DarkslimError, cli_main  # noqa: E402
@@ -76,7 +76,7 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
-    load_before = os.getloadavg()  # 1/5/15-min load: timings on a shared 2-core box depend on it
+    load = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         valid = val
         if args.limit:
@@ -102,8 +102,8 @@ def main(args):
                'note': 'random weights (seeded default init): conf_thres 0.001 as in test.py, so NMS sees many '
                        'candidates (up to max_nms 30000 per image) and keeps max_det per image; images/s covers '
                        'loading + letterbox, inference, NMS, matching and JSON',
-               'load_average_before': load_before, 'load_average_after': os.getloadavg(), 'results': rows}
-    write_result(args.name, payload)
+               'results': rows}
+    write_result(args.name, payload, load)
     return rows
 
 

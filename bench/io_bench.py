@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from bench.common import print_table, write_result  # noqa: E402
+from bench.common import load_average, print_table, write_result  # noqa: E402
 from models import Darknet, load_model  # noqa: E402
 from utils.darknet_weights import save_weights  # noqa: E402
 from utils.errors import cli_main  # noqa: E402
@@ -52,13 +52,14 @@ def bench_io(cfg, repeat=3):
 
 
 def main(args):
+    load = load_average()
     r = bench_io(args.cfg, args.repeat)
     print_table([['step', 'median s', 'target s'],
                  ['parse + build + load', r['parse_build_load_s'], r['target_s']],
                  ['save', r['save_s'], r['target_s']]],
                 title=f"{r['cfg']} ({r['weights_mb']} MB .weights, {r['floats']} floats)")
     print(f"load -> save byte-identical: {r['round_trip_byte_identical']}")
-    write_result('io', r)
+    write_result('io', r, load)
     return 0
 
 

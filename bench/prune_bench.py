@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import prune_utils  # noqa: E402
-from bench.common import print_table, write_result  # noqa: E402
+from bench.common import load_average, print_table, write_result  # noqa: E402
 from models import Darknet, load_model, model_info  # noqa: E402
 from utils.darknet_weights import save_weights  # noqa: E402
 from utils.errors import cli_main  # noqa: E402
@@ -115,7 +115,7 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     s = args.img_size
-    load_before = os.getloadavg()
+    load = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         model = sparse_model(args.cfg, s, args.near_zero)
         weights = save_weights(model, os.path.join(tmp, 'sparse.weights'))
@@ -163,7 +163,6 @@ def main(args):
     write_result('prune', {
         'cfg': args.cfg, 'img_size': s, 'percent': args.percent, 'near_zero_share': args.near_zero,
         'latency_runs': args.runs, 'threads': torch.get_num_threads(),
-        'load_average_before': load_before, 'load_average_after': os.getloadavg(),
         'original': {'params': p0, 'bflops': b0, 'latency_ms': lat[0] * 1e3},
         'strategies': results, 'cli_shortcut_prune_seconds': cli_s,
         'targets': {'prune_seconds_max': PRUNE_TARGET_S, 'efficiency_round_to_8_min': EFFICIENCY_TARGET},
@@ -172,7 +171,7 @@ def main(args):
         'gpu': 'not measured: no GPU lent' if gpu is None else {
             'device': torch.cuda.get_device_name(0), 'runs': gpu_runs,
             'models': ['original'] + [r['name'] for r in results],
-            'batches': {str(b): g for b, g in gpu.items()}}})
+            'batches': {str(b): g for b, g in gpu.items()}}}, load)
     return 0
 
 

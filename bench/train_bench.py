@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import print_table, write_result  # noqa: E402
+from bench.common import load_average, print_table, write_result  # noqa: E402
 from utils.errors import cli_main  # noqa: E402
 
 TARGET_MAP50 = 0.90
@@ -250,8 +250,8 @@ def get_args_parser():
 
 
 def main(args):
-    # other processes on this machine slow every number here: record the load around the measurements
-    result = {'load_average_start': [round(v, 2) for v in os.getloadavg()]}
+    load = load_average()
+    result = {}
     if not args.skip_throughput:
         cpu = bench_throughput(args.throughput_cfg, args.throughput_size, args.throughput_batch, args.warm,
                                args.steps, torch.device('cpu'))
@@ -280,8 +280,7 @@ def main(args):
         print(f"target mAP@0.5 >= {TARGET_MAP50} within {TARGET_SECONDS:.0f} s: "
               + (f"reached at epoch {r['epoch']}, {r['wall_seconds']} s" if r else 'not reached')
               + f"; data generation {demo['data']['generate_seconds']} s (not counted)")
-    result['load_average_end'] = [round(v, 2) for v in os.getloadavg()]
-    write_result(args.name, result)
+    write_result(args.name, result, load)
     return 0
 
 
