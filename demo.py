@@ -150,11 +150,11 @@ def last_map50(out_dir):
 
 def describe(cfg, weights, data, img_size):
     """(model, {cfg, weights, params, BFLOPs, mAP@0.5 by test.test}) of a cfg + weights."""
-    import test as evaluation
+    from utils.evaluate import evaluate
     from models import load_model, model_info
     model = load_model(cfg, weights)
     params, bflops = model_info(model.defs, img_size, img_size)
-    r = evaluation.test(model, data, img_size=img_size, batch_size=16, verbose=False)
+    r = evaluate(model, data, img_size=img_size, batch_size=16, verbose=False)
     print(f"  {rel(weights)}: {params:,} params, {bflops:.3f} BFLOPs, mAP@0.5 {r['mAP50']:.3f}", flush=True)
     return model, {'cfg': rel(cfg), 'weights': rel(weights), 'params': params, 'bflops': round(bflops, 4),
                    'map50': round(r['mAP50'], 4), 'map50_95': round(r['mAP50_95'], 4)}
@@ -165,7 +165,7 @@ def measure_latency(models, img_size, runs):
     machine drift hits all alike; None each when runs < 1."""
     import torch
 
-    from prune_utils import latencies
+    from utils.latency import latencies
     if runs < 1:
         return [None] * len(models)
     threads = torch.get_num_threads()

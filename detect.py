@@ -18,13 +18,14 @@ import cv2
 import numpy as np
 import torch
 
-from test import get_model, input_size
+from models import resolve_model
 from utils.datasets import (PIXEL_MAX, check_classes, image_tensor, imread, letterbox, list_images, load_names,
                             parse_data_cfg, scale_coords)
 from utils.errors import DarkslimError, cli_main
+from utils.evaluate import input_size, model_device
 from utils.io import write_bytes_atomic
 from utils.metrics import class_name, non_max_suppression
-from utils.torch_utils import de_parallel
+from utils.torch_utils import de_parallel, select_device
 
 _WHITE = (PIXEL_MAX,) * 3
 
@@ -98,7 +99,8 @@ def detect(model_or_cfg, source, out, weights=None, names=None, data=None, img_s
     Returns one dict per image: {path, out, detections (float64 [n, 6] x1, y1, x2, y2, conf, cls in the original
     image's pixels, by descending conf), counts ({class name: n}), seconds (inference + NMS)}.
     """
-    model, dev, model_name = get_model(model_or_cfg, weights, device, img_size)
+    model, model_name = resolve_model(model_or_cfg, weights, select_device(device), img_size)
+    dev = model_device(model)
     img_size = input_size(model, img_size)
     names = _resolve_names(names, data, de_parallel(model).nc, model_name)
     files = list_images(source)

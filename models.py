@@ -7,6 +7,7 @@
 import argparse
 import copy
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -276,6 +277,16 @@ def read_checkpoint(path):
     return ckpt
 
 
+def checkpoint_args(path):
+    """The training options stored in a train.py checkpoint ({} when it stores none), read without loading
+    its tensors into memory (memory-mapped)."""
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except RuntimeError:                             # a legacy (non-zip) file cannot be memory-mapped
+        ckpt = read_checkpoint(path)
+    return dict(ckpt.get('args') or {}) if isinstance(ckpt, dict) else {}
+
+
 def load_state_checked(model, state, path):
     """load_state_dict, refusing (with the first offending tensor and both shapes) any mismatch."""
     own = model.state_dict()
@@ -300,7 +311,7 @@ def load_checkpoint(model, path):
 def checkpoint_cfg(ckpt, path):
     """The cfg sections stored in a checkpoint dict read from `path`."""
     if 'cfg' not in ckpt:
-        raise DarkslimError(f"{path}: checkpoint stores no cfg; pass --cfg")
+        raise DarkslimError(f"{path}: checkpoint stores no cfg; expected a cfg file given with it")
     return parse_cfg_text(ckpt['cfg'], f"{path}[cfg]")
 
 
@@ -321,7 +332,7 @@ def load_weights_any(model, path, cutoff=None):
     path = check_weights_path(path)
     if is_torch_file(path):
         if cutoff is not None:
-            raise DarkslimError(f"{path}: --cutoff applies to darknet .weights, not .pt checkpoints")
+            raise DarkslimError(f"{path}: a layer cutoff applies to darknet .weights, not .pt checkpoints")
         return load_checkpoint(model, path)
     return load_darknet_weights(model, path, cutoff)
 
@@ -331,28 +342,50 @@ def load_model(cfg, weights=None, device='cpu', img_size=None, cutoff=None):
     `weights` (.weights or .pt, by content) and return it on `device` in eval mode."""
     if weights is None:
         if cfg is None:
-            raise DarkslimError("no cfg given; expected --cfg, or a .pt checkpoint that stores one")
+            raise DarkslimError("no cfg given; expected a cfg, or a .pt checkpoint that stores one")
         return Darknet(cfg, img_size).to(device).eval()
     weights = check_weights_path(weights)
     full = cutoff is None  # every tensor comes from the file: skip the random init
     if is_torch_file(weights):
         if cutoff is not None:
-            raise DarkslimError(f"{weights}: --cutoff applies to darknet .weights, not .pt checkpoints")
+            raise DarkslimError(f"{weights}: a layer cutoff applies to darknet .weights, not .pt checkpoints")
         ckpt = read_checkpoint(weights)
         model = Darknet(checkpoint_cfg(ckpt, weights) if cfg is None else cfg, img_size, init_weights=False)
         load_state_checked(model, ckpt['model'], weights)
     else:
         if cfg is None:
-            raise DarkslimError(f"{weights}: darknet .weights store no cfg; expected --cfg")
+            raise DarkslimError(f"{weights}: darknet .weights store no cfg; expected a cfg file given with them")
         model = Darknet(cfg, img_size, init_weights=not full)
         load_darknet_weights(model, weights, cutoff)
     return model.to(device).eval()
 
 
+def resolve_model(model_or_cfg, weights=None, device='cpu', img_size=None):
+    """(model, name): a model object as it is (on its own device), or one built from a cfg path (None: the
+    cfg stored in a .pt `weights`) + `weights` with load_model on `device`."""
+    if isinstance(model_or_cfg, nn.Module):
+        return model_or_cfg, type(model_or_cfg).__name__
+    model = load_model(model_or_cfg, weights, device=device, img_size=img_size)
+    return model, os.fspath(model_or_cfg if model_or_cfg is not None else weights)
+
+
 # --- summary --------------------------------------------------------------------------------------------------
 
+@dataclass
+class LayerRow:
+    """One layer as darknet prints it at start-up: shapes are 'CxHxW' text, geometry e.g. '3x3/2' or '-1,61'."""
+    layer: int
+    type: str
+    filters: object
+    geometry: str
+    input: str
+    output: str
+    params: int
+    bflops: float
+
+
 def layer_table(defs, height, width):
-    """Per-layer rows (index, type, filters, size/stride, input shape, output shape, params, BFLOPs) as
+    """One LayerRow per layer (index, type, filters, size/stride, input shape, output shape, params, BFLOPs) as
     darknet prints them. BFLOPs as AlexeyAB darknet totals them: conv 2*MACs (convolutional_layer.c),
     maxpool size*size*c*out_h*out_w (maxpool_layer.c), shortcut out_w*out_h*out_c*n (shortcut_layer.c)."""
     shapes = infer_shapes(defs, height, width)
@@ -379,8 +412,8 @@ def layer_table(defs, height, width):
             geom = ','.join(str(j) for j in ins)
             if d['type'] == 'shortcut':  # darknet shortcut_layer.c: out_w*out_h*out_c*n, n = len(from)
                 bflops = out[0] * out[1] * out[2] * (len(ins) - 1) / 1e9
-        rows.append((i, d['type'], filters, geom, 'x'.join(map(str, in_shape)), 'x'.join(map(str, out)),
-                     params, bflops))
+        rows.append(LayerRow(i, d['type'], filters, geom, 'x'.join(map(str, in_shape)), 'x'.join(map(str, out)),
+                             params, bflops))
     return rows
 
 
@@ -388,24 +421,26 @@ def model_info(defs, height=None, width=None):
     """(trainable params as PyTorch counts them, BFLOPs as darknet counts them)."""
     net = defs[0]
     rows = layer_table(defs, height or net['height'], width or net['width'])
-    return sum(r[6] for r in rows), sum(r[7] for r in rows)
+    return sum(r.params for r in rows), sum(r.bflops for r in rows)
 
 
 def summary(cfg, weights=None, img_size=None):
-    """Print the per-layer table and `total: <params> params, <X.XXX> BFLOPs`; returns (params, bflops)."""
+    """Print the per-layer table and `total: <params> params, <X.XXX> BFLOPs`; returns (params, bflops).
+    With `weights`, they are checked against the cfg first: a file that does not fit prints nothing."""
     from terminaltables import AsciiTable
     defs = parse_cfg(cfg) if not isinstance(cfg, list) else cfg
     h = img_size or defs[0]['height']
     w = img_size or defs[0]['width']
+    if weights is not None:
+        load_weights_any(Darknet(defs, (h, w)), weights)
     rows = layer_table(defs, h, w)
     table = [['layer', 'type', 'filters', 'size/stride', 'input', 'output', 'params', 'BFLOPs']]
-    table += [[i, t, f, g, a, b, p, f"{fl:.3f}" if fl else ''] for i, t, f, g, a, b, p, fl in rows]
+    table += [[r.layer, r.type, r.filters, r.geometry, r.input, r.output, r.params,
+               f"{r.bflops:.3f}" if r.bflops else ''] for r in rows]
     print(AsciiTable(table).table)
     if weights is not None:
-        model = Darknet(defs, (h, w))
-        load_weights_any(model, weights)
         print(f"weights: {weights} fits the cfg")
-    params, bflops = sum(r[6] for r in rows), sum(r[7] for r in rows)
+    params, bflops = sum(r.params for r in rows), sum(r.bflops for r in rows)
     print(f"total: {params} params, {bflops:.3f} BFLOPs")
     return params, bflops
 

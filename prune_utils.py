@@ -7,8 +7,8 @@ Three steps with small interfaces, shared by normal_prune.py, regular_prune.py, 
 2. `make_plan(model, layer_set, ...) -> Plan`: a global |gamma| threshold -> a keep mask per prunable conv.
 3. `loose_model(model, plan)` (full size, removed channels zeroed, constants folded) and
    `compact_model(model, plan)` (the smaller network; its cfg is `compact.defs`).
-The scripts are `get_args_parser()` (`add_prune_args`) + `main(args)` = `run(args, strategy)`: the three steps,
-then the report (params, BFLOPs, .weights size, CPU latency, optional mAP) and the output files.
+4. `write_outputs(prefix, compact, plan, report)`: the compact cfg, .weights, .pt, JSON report and chart.
+The command-line side (options, the report table, mAP evaluation) is prune_cli.py, shared by the scripts.
 
 Channel provenance.  Every layer's output channels are traced back to "nodes": [convolutional] layers (their
 BN channels), [shortcut] layers (channel-wise sums), or the image (node -1).  [maxpool], [upsample] and
@@ -17,11 +17,9 @@ single-input [route] pass channels through unchanged (aliases); a multi-input [r
 reads (through aliases) must lose the same channels: those convs form one group (union-find over the graph).
 """
 import copy
+import dataclasses
 import json
 import math
-import os
-import statistics
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,12 +29,14 @@ from terminaltables import AsciiTable
 import models
 from utils.darknet_weights import save_weights, weights_file_size
 from utils.errors import DarkslimError
-from utils.io import write_bytes_atomic, write_text_atomic
+from utils.io import write_text_atomic
+from utils.latency import cpu_latency
 from utils.parse_config import layer_inputs, write_cfg
 
 MODES = {0: 'normal', 1: 'shortcut', 2: 'tiny', 'normal': 'normal', 'regular': 'normal', 'shortcut': 'shortcut',
          'tiny': 'tiny', '0': 'normal', '1': 'shortcut', '2': 'tiny'}
 IMAGE = -1  # the node standing for the network input
+POW2_FLOOR = 8     # power-of-two rounding's smallest count (a smaller layer keeps its own size)
 ZERO_AT_ZERO = {'leaky', 'relu', 'linear', 'mish', 'swish'}  # act(0) == 0: a zeroed BN channel outputs exactly 0
 
 
@@ -226,7 +226,7 @@ def get_layer_set(module_defs, mode, in_channels=3):
         d = defs[shortcuts[0]]
         raise DarkslimError(f"{d.where() if hasattr(d, 'where') else '[shortcut]'}: the cfg has {len(shortcuts)} "
                             f"[shortcut] layers (first: layer {shortcuts[0]}); tiny pruning expects a cfg without "
-                            "shortcuts; use shortcut_prune.py")
+                            "shortcuts; prune it in shortcut mode (shortcut_prune.py)")
     bn_convs = [i for i, d in enumerate(defs) if d['type'] == 'convolutional' and d.get('batch_normalize', 0)]
     own = _own_exclusions(graph)
     uf, coupled_by = shortcut_groups(graph)
@@ -276,12 +276,22 @@ def _group_blocker(defs, comp, own):
 # --- step 2: plan -----------------------------------------------------------------------------------------------
 
 @dataclass
+class PlanRow:
+    """One prunable conv in a plan: its channels before and after, the kept share, its shortcut group ('gN')."""
+    layer: int
+    before: int
+    after: int
+    kept_share: float
+    group: str = ''
+
+
+@dataclass
 class Plan:
     """Which channels each prunable conv keeps.
 
     keep: conv layer index -> bool keep mask (numpy, length = filters) for every prunable conv
-    threshold: channels with |gamma| < threshold are removed (before --min-keep / rounding top-ups)
-    percent: the --percent asked for (None with --threshold); removed_share: what the plan actually removes
+    threshold: channels with |gamma| < threshold are removed (before min_keep / rounding top-ups)
+    percent: the share asked for (None when a threshold was given); removed_share: what the plan actually removes
     """
     strategy: str
     layer_set: LayerSet
@@ -294,19 +304,19 @@ class Plan:
     topped_up: list = field(default_factory=list)
 
     def rows(self):
-        """[(layer, before, after, kept share, group label)] for every prunable conv."""
+        """One PlanRow per prunable conv, in layer order."""
         out = []
         for i in sorted(self.keep):
             g = self.layer_set.group_of(i)
             k = self.keep[i]
-            out.append((i, len(k), int(k.sum()), float(k.mean()), '' if g is None else f"g{g}"))
+            out.append(PlanRow(i, len(k), int(k.sum()), float(k.mean()), '' if g is None else f"g{g}"))
         return out
 
     def table(self):
         plan_rows = self.rows()
         rows = [['layer', 'channels', 'kept', 'group']]
-        rows += [[i, f"{a} -> {b}", f"{s:.0%}", g] for i, a, b, s, g in plan_rows]
-        before, after = sum(r[1] for r in plan_rows), sum(r[2] for r in plan_rows)
+        rows += [[r.layer, f"{r.before} -> {r.after}", f"{r.kept_share:.0%}", r.group] for r in plan_rows]
+        before, after = sum(r.before for r in plan_rows), sum(r.after for r in plan_rows)
         return (AsciiTable(rows).table + f"\nthreshold |gamma| < {self.threshold:.6g}: {before} -> {after} "
                 f"prunable channels ({self.removed_share:.1%} removed)")
 
@@ -316,8 +326,7 @@ class Plan:
                 'removed_share': self.removed_share, 'topped_up': self.topped_up,
                 'groups': self.layer_set.groups,
                 'excluded': {str(k): v for k, v in sorted(self.layer_set.excluded.items())},
-                'layers': [{'layer': i, 'before': a, 'after': b, 'kept_share': s, 'group': g}
-                           for i, a, b, s, g in self.rows()],
+                'layers': [dataclasses.asdict(r) for r in self.rows()],
                 'keep': {str(i): np.flatnonzero(k).tolist() for i, k in sorted(self.keep.items())}}
 
 
@@ -333,7 +342,7 @@ def threshold_for_percent(scores, percent):
     the next higher distinct one, so channels tied at the cut go (or stay) together - never an arbitrary
     half of a tie. percent 0 -> threshold 0 (nothing removed)."""
     if not 0 <= percent <= 1:
-        raise DarkslimError(f"--percent {percent}; expected a fraction in [0, 1]")
+        raise DarkslimError(f"percent {percent}; expected a fraction in [0, 1]")
     s = np.sort(scores)
     k = int(math.floor(percent * len(s) + 1e-9))
     if k == 0:
@@ -363,10 +372,14 @@ def _units(layer_set):
 
 
 def _round_up(n, total, round_to):
-    """Kept count n rounded up: 'pow2' -> next power of two, int N -> next multiple of N; never above total."""
+    """Kept count n rounded up: 'pow2' -> next power of two, at least POW2_FLOOR; int N -> next multiple of N
+    (so at least N); never above the layer's own size `total`."""
     if n == 0 or round_to is None:
         return n
-    r = 1 << (n - 1).bit_length() if round_to == 'pow2' else -(-n // round_to) * round_to
+    if round_to == 'pow2':                            # 8, 16, 32, ...: 1, 2 or 4 channels suit no accelerator
+        r = max(POW2_FLOOR, 1 << (n - 1).bit_length())
+    else:
+        r = -(-n // round_to) * round_to
     return min(r, total)
 
 
@@ -376,17 +389,17 @@ def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep
     Exactly one of `percent` (share of prunable channels to remove, global sort) and `threshold` (absolute
     |gamma|; channels with |gamma| < threshold go).  A shortcut group keeps the union of its members' masks
     (a channel goes only when every member would drop it).  A unit the threshold would empty raises a
-    one-line DarkslimError naming the layers and the highest safe --percent, unless `min_keep` K is given: then
+    one-line DarkslimError naming the layers and the highest safe percent, unless `min_keep` K is given: then
     such a unit keeps its K highest-|gamma| channels (units keeping at least one channel are left as cut).
     `round_to` ('pow2' or N) rounds each unit's kept count up, filling with the highest-|gamma| channels (never
     past the layer's size).
     """
     if (percent is None) == (threshold is None):
-        raise DarkslimError("give exactly one of --percent P and --threshold T")
+        raise DarkslimError("give exactly one of percent and threshold")
     if min_keep is not None and min_keep < 1:
-        raise DarkslimError(f"--min-keep {min_keep}; expected a positive channel count")
+        raise DarkslimError(f"min_keep {min_keep}; expected a positive channel count")
     if round_to not in (None, 'pow2') and (not isinstance(round_to, int) or round_to < 1):
-        raise DarkslimError(f"--round-to {round_to}; expected a positive channel count such as 8, 16 or 32")
+        raise DarkslimError(f"round_to {round_to}; expected a positive channel count such as 8, 16 or 32")
     if not layer_set.prunable:
         raise DarkslimError(_no_prunable_message(layer_set))
     scores = bn_scores(model, layer_set.prunable)
@@ -394,7 +407,7 @@ def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep
     if threshold is None:
         threshold = threshold_for_percent(flat, percent)
     elif threshold < 0:
-        raise DarkslimError(f"--threshold {threshold}; expected |gamma| >= 0")
+        raise DarkslimError(f"threshold {threshold}; expected |gamma| >= 0")
     units = _units(layer_set)
     unit_score = [np.max(np.stack([scores[i] for i in u]), 0) for u in units]   # [filters] per unit
     keeps = [s >= threshold for s in unit_score]
@@ -402,11 +415,11 @@ def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep
     if empty and min_keep is None:
         worst = min(float(s.max()) for s in unit_score)
         safe = math.floor(np.sum(flat < worst) / len(flat) * 1000) / 1000
-        asked = f"--percent {percent}" if percent is not None else f"--threshold {threshold:g}"
+        asked = f"percent {percent}" if percent is not None else f"threshold {threshold:g}"
         names = ', '.join('+'.join(map(str, u)) + f" (max |gamma| {s.max():.3g})" for u, s in empty[:6]) \
             + (f" and {len(empty) - 6} more" if len(empty) > 6 else '')
         raise DarkslimError(f"{asked} would remove every channel of layer(s) {names}; the highest safe "
-                            f"--percent is {safe} (or --threshold up to {worst:.6g}), or pass --min-keep K to keep "
+                            f"percent is {safe} (or threshold up to {worst:.6g}), or min_keep K to keep "
                             "the K strongest channels of such layers")
     topped = []
     for n, (u, s) in enumerate(zip(units, unit_score)):
@@ -420,6 +433,11 @@ def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep
             keeps[n] = k
     keep = {i: keeps[n].copy() for n, u in enumerate(units) for i in u}
     removed = sum(int((~keep[i]).sum()) for i in layer_set.prunable)
+    if removed == 0:
+        asked = f"percent {percent}" if percent is not None else f"threshold {threshold:g}"
+        raise DarkslimError(f"nothing to prune: {asked} removes no channel of the {len(flat)} prunable ones "
+                            f"(lowest |gamma| {flat.min():.4g}{', after rounding' if round_to else ''}); expected a "
+                            "larger percent or threshold")
     return Plan(strategy, layer_set, keep, float(threshold), percent, min_keep, round_to,
                 removed / len(flat), sorted(topped))
 
@@ -549,210 +567,32 @@ def compact_model(model, plan, loose=None):
     return small
 
 
-# --- the scripts' shared steps ----------------------------------------------------------------------------------
 
-DEFAULT_WEIGHTS = os.path.join('weights', 'last.pt')   # train.py's default output
+
+# --- step 4: measure and write ----------------------------------------------------------------------------------
+
 OUTPUT_EXTS = ('.cfg', '.weights', '.pt', '.json', '-channels.png')
 
 
-def add_prune_args(p, strategy):
-    """The options every prune script takes (regular adds --round-to)."""
-    p.add_argument('--cfg', help='model cfg (optional for a .pt that stores its cfg)')
-    p.add_argument('--weights', help=f'sparse-trained .weights or .pt (default: {DEFAULT_WEIGHTS})')
-    p.add_argument('--data', help='.data file: evaluate mAP of the original, loose and compact models')
-    how = p.add_mutually_exclusive_group()
-    how.add_argument('--percent', type=float,
-                     help=f"share of prunable channels to remove (default {default_percent(strategy)})")
-    how.add_argument('--threshold', type=float, help='remove channels with |gamma| below this')
-    p.add_argument('--min-keep', type=int, metavar='K',
-                   help='off by default: a layer the cut would empty stops the prune with an error; with K, such '
-                        'a layer keeps its K highest-|gamma| channels and the prune goes on (other layers are '
-                        'left as cut)')
-    if strategy == 'regular':
-        p.add_argument('--round-to', type=int,
-                       help='round kept counts up to a multiple of N (8/16/32); default: a power of two')
-    p.add_argument('--img-size', type=int, help="input size for BFLOPs, latency and mAP (default: the cfg's)")
-    p.add_argument('--batch-size', type=int, default=16, help='batch size for mAP evaluation')
-    p.add_argument('--device', default='cpu', help='cpu | cuda | cuda:N (mAP evaluation)')
-    p.add_argument('--latency-runs', type=int, default=5, help='timed CPU forward passes per model (0 = skip)')
-    p.add_argument('--out', help='output prefix (default weights/<cfg stem>-<strategy>-<percent or t<threshold>>'
-                                 '[-pow2 | -r<N> for regular])')
-    return p
-
-
-def default_percent(strategy):
-    return 0.3 if strategy == 'tiny' else 0.5
-
-
-def round_to_of(args, strategy):
-    """regular: --round-to N, or 'pow2' without it; other strategies never round."""
-    if strategy != 'regular':
-        return None
-    return 'pow2' if args.round_to is None else args.round_to
-
-
-def resolve_inputs(args, strategy):
-    """(cfg or None, weights, output prefix, percent or None) from the arguments (not modified); with no
-    --weights, train.py's weights/last.pt; with neither --percent nor --threshold, the strategy's percent."""
-    weights = args.weights
-    if weights is None:
-        if not os.path.isfile(DEFAULT_WEIGHTS):
-            raise DarkslimError(f"no --weights given and {DEFAULT_WEIGHTS} (train.py's default output) does not "
-                                "exist; expected --cfg C --weights W (.weights or .pt)")
-        weights = DEFAULT_WEIGHTS
-    if not os.path.isfile(weights):
-        raise DarkslimError(f"{weights}: no such weights file")
-    if args.cfg is None and not models.is_torch_file(weights):
-        raise DarkslimError(f"{weights}: darknet .weights store no cfg; expected --cfg C")
-    from utils.torch_utils import select_device
-    select_device(args.device)                        # a bad --device fails now, before any work
-    percent = args.percent
-    if percent is None and args.threshold is None:
-        percent = default_percent(strategy)
-    prefix = args.out
-    if prefix is None:
-        stem = os.path.splitext(os.path.basename(args.cfg or weights))[0]
-        value = f"{percent:g}" if percent is not None else f"t{args.threshold:g}"
-        round_to = round_to_of(args, strategy)
-        rounding = '' if round_to is None else '-pow2' if round_to == 'pow2' else f"-r{round_to}"
-        prefix = os.path.join('weights', f"{stem}-{strategy}-{value}{rounding}")
-    for ext in OUTPUT_EXTS:
-        for src in (args.cfg, weights):
-            if src is not None and os.path.abspath(prefix + ext) == os.path.abspath(src):
-                raise DarkslimError(f"--out {prefix}: {prefix + ext} is an input; expected another prefix "
-                                    "(inputs are never overwritten)")
-    return args.cfg, weights, prefix, percent
-
-
-def img_hw(model, img_size):
-    return (img_size, img_size) if img_size else tuple(model.img_size)
-
-
-def _timed_forward(model, x):
-    """(a no-argument callable running `model` on the static input `x`, how it runs).
-
-    CPU: the eval forward.  CUDA: the forward captured once as a CUDA graph and replayed (no Python or kernel
-    launch overhead).  The model must be fused: with no BatchNorm (nor dropout) left, train mode runs the same
-    kernels as eval, up to the raw head outputs; it skips the heads' box decoding, whose host->device stride
-    tensor cannot be captured (the decoding costs the same before and after a prune)."""
-    if x.device.type != 'cuda':
-        return (lambda: model(x)), 'cpu eager'
-    model.train()
-    side = torch.cuda.Stream(x.device)
-    side.wait_stream(torch.cuda.current_stream(x.device))
-    with torch.cuda.stream(side):                     # warm-up off the default stream (cuDNN plans, allocations)
-        for _ in range(3):
-            model(x)
-    torch.cuda.current_stream(x.device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        model(x)
-    return graph.replay, 'cuda graph (raw head outputs)'
-
-
-def latencies(nets, hw, runs=5, batch=1, device='cpu'):
-    """([median seconds per model], how): `runs` forward passes of a zero batch [batch, C, *hw] through a fused
-    copy of each model on `device`, the models timed alternately (machine drift hits all alike) after one
-    warm-up pass each; CUDA timings are synchronized around each pass (see `_timed_forward`)."""
-    dev = torch.device(device)
-    fused = [copy.deepcopy(m).eval().fuse().to(dev) for m in nets]
-    times = [[] for _ in fused]
-    with torch.no_grad():
-        forwards = []
-        for m in fused:
-            fn, how = _timed_forward(m, torch.zeros(batch, m.in_channels, *hw, device=dev))
-            fn()
-            forwards.append(fn)
-        for _ in range(runs):
-            for k, fn in enumerate(forwards):
-                if dev.type == 'cuda':
-                    torch.cuda.synchronize(dev)
-                t = time.perf_counter()
-                fn()
-                if dev.type == 'cuda':
-                    torch.cuda.synchronize(dev)
-                times[k].append(time.perf_counter() - t)
-    return [statistics.median(t) for t in times], how
-
-
-def cpu_latency(model, hw, runs=5):
-    """Median seconds of `runs` batch-1 forward passes of a fused CPU copy of `model` (one warm-up pass);
-    None when runs < 1."""
-    return latencies([model], hw, runs)[0][0] if runs >= 1 else None
-
-
 def measure(model, hw, runs=5):
-    """{'params', 'bflops', 'weights_bytes', 'latency_s'} of a model at input size hw."""
+    """{'params', 'bflops', 'weights_bytes', 'latency_s'} of a model at input size hw (latency: median of `runs`
+    batch-1 CPU passes of the fused model; None when runs is 0)."""
     params, bflops = models.model_info(model.defs, *hw)
     return {'params': params, 'bflops': bflops, 'weights_bytes': weights_file_size(model),
             'latency_s': cpu_latency(model, hw, runs)}
 
 
-def evaluate_map(model, data, img_size, batch_size, device):
-    """(mAP@0.5, mAP@0.5:0.95) of `model` on the .data file's valid set, via test.test (imported here, lazily:
-    it pulls in the data loader)."""
-    import test as test_py
-    from utils.torch_utils import select_device
-    dev = select_device(device)
-    m = model if dev.type == 'cpu' else copy.deepcopy(model).to(dev)
-    r = test_py.test(m, data, img_size=img_size, batch_size=batch_size, device=device, verbose=False)
-    return r['mAP50'], r['mAP50_95']
-
-
-def metrics_rows(before, after, maps=None):
-    """[Metric, Before, After] rows for the report table."""
-    def fmt_lat(s):
-        return 'skipped' if s is None else f"{s * 1e3:.1f} ms"
-    rows = [['Metric', 'Before', 'After'],
-            ['params', f"{before['params']:,}", f"{after['params']:,} ({after['params'] / before['params']:.1%})"],
-            ['BFLOPs', f"{before['bflops']:.3f}", f"{after['bflops']:.3f} ({after['bflops'] / before['bflops']:.1%})"],
-            ['weights file', f"{before['weights_bytes'] / 1e6:.2f} MB", f"{after['weights_bytes'] / 1e6:.2f} MB"],
-            ['CPU latency (batch 1, fused, median)', fmt_lat(before['latency_s']), fmt_lat(after['latency_s'])]]
-    if before['latency_s'] and after['latency_s']:
-        rows[-1][2] += f" ({before['latency_s'] / after['latency_s']:.2f}x)"
-    if maps:
-        for key, label in (('mAP50', 'mAP@0.5'), ('mAP50_95', 'mAP@0.5:0.95')):
-            rows.append([label, f"{maps['original'][key]:.4f}", f"{maps['compact'][key]:.4f}"])
-            rows.append([f"{label} (loose model)", '', f"{maps['loose'][key]:.4f}"])
-    return rows
-
-
 def channel_chart(plan, path, title=''):
-    """Per-layer bar chart of channels before (grey) and after (blue) as a PNG, drawn with OpenCV; atomic."""
-    import cv2
+    """PNG bar chart of every prunable conv's channels before and after `plan`."""
+    from utils.plots import channel_chart as draw
     rows = plan.rows()
-    n = max(len(rows), 1)
-    bar = max(6, min(24, 1200 // n))
-    left, top, bottom, h_plot = 70, 40, 50, 360
-    width = max(left + 20 + n * bar, 640)
-    img = np.full((top + h_plot + bottom, width, 3), np.iinfo(np.uint8).max, np.uint8)  # white
-    top_ch = max([r[1] for r in rows] + [1])
-    y0 = top + h_plot
-    for t in range(5):                                # y grid with channel counts
-        y = int(y0 - h_plot * t / 4)
-        cv2.line(img, (left, y), (width, y), (225, 225, 225), 1)
-        cv2.putText(img, f"{top_ch * t / 4:.0f}", (5, y + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (60, 60, 60), 1,
-                    cv2.LINE_AA)
-    step = max(1, int(math.ceil(n * 28 / (width - left))))
-    for k, (i, before, after, _, _) in enumerate(rows):
-        x = left + k * bar
-        cv2.rectangle(img, (x + 1, int(y0 - h_plot * before / top_ch)), (x + bar - 1, y0), (190, 190, 190), -1)
-        cv2.rectangle(img, (x + 1, int(y0 - h_plot * after / top_ch)), (x + bar - 1, y0), (200, 110, 30), -1)
-        if k % step == 0:
-            cv2.putText(img, str(i), (x, y0 + 15), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (60, 60, 60), 1, cv2.LINE_AA)
-    cv2.putText(img, title or f"{plan.strategy} prune: channels per layer, before (grey) / after (blue)", (10, 25),
-                cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(img, 'layer', (left, y0 + 38), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    ok, png = cv2.imencode('.png', img)
-    if not ok:
-        raise RuntimeError('PNG encoding failed')
-    write_bytes_atomic(path, png.tobytes())
-    return path
+    return draw([r.layer for r in rows], [r.before for r in rows], [r.after for r in rows], path,
+                title or f"{plan.strategy} prune: channels per layer, before (grey) / after (blue)")
 
 
 def write_outputs(prefix, compact, plan, report):
-    """PREFIX.cfg (core write_cfg), .weights, .pt (with the plan), .json (report + plan), -channels.png.
-    Each file is written atomically; returns {ext: path}."""
+    """PREFIX.cfg, .weights, .pt (with the plan), .json (report + plan), -channels.png, each written
+    atomically; returns {ext: path}."""
     paths = {ext: prefix + ext for ext in OUTPUT_EXTS}
     write_cfg(paths['.cfg'], compact.defs)
     save_weights(compact, paths['.weights'])
@@ -760,41 +600,4 @@ def write_outputs(prefix, compact, plan, report):
     models.save_checkpoint(paths['.pt'], compact, prune=json.loads(json.dumps(plan_json)))
     write_text_atomic(paths['.json'], json.dumps({**report, 'plan': plan_json}, indent=1) + '\n')
     channel_chart(plan, paths['-channels.png'])
-    return paths
-
-
-def evaluate_and_report(args, strategy, model, loose, compact, cfg, weights, prune_s):
-    """Measure original and compact (params, BFLOPs, .weights size, CPU latency), evaluate mAP of original,
-    loose and compact when --data is given, print the Metric | Before | After table; returns the JSON report."""
-    hw = img_hw(model, args.img_size)
-    before, after = measure(model, hw, args.latency_runs), measure(compact, hw, args.latency_runs)
-    maps = None
-    if args.data:
-        size = args.img_size or max(hw)
-        maps = {name: dict(zip(('mAP50', 'mAP50_95'), evaluate_map(m, args.data, size, args.batch_size,
-                                                                   args.device)))
-                for name, m in (('original', model), ('loose', loose), ('compact', compact))}
-    print(AsciiTable(metrics_rows(before, after, maps), f" {strategy} prune ").table)
-    if maps is None:
-        print('mAP skipped: no --data given')
-    return {'strategy': strategy, 'cfg': cfg, 'weights': weights, 'img_size': list(hw),
-            'before': before, 'after': after, 'map': maps, 'prune_seconds': prune_s}
-
-
-def run(args, strategy):
-    """A prune script's whole job ('normal' | 'regular' | 'shortcut' | 'tiny'): load, layer set, plan (a bad
-    plan fails before anything is printed or written), print the layer list and plan, loose and compact
-    surgery, report, write PREFIX.{cfg,weights,pt,json} and PREFIX-channels.png. Returns {ext: path}."""
-    t0 = time.perf_counter()
-    cfg, weights, prefix, percent = resolve_inputs(args, strategy)
-    model = models.load_model(cfg, weights, img_size=args.img_size)
-    layer_set = get_layer_set(model.module_defs, strategy, model.in_channels)
-    plan = make_plan(model, layer_set, strategy, percent, args.threshold, args.min_keep, round_to_of(args, strategy))
-    print(layer_set.describe())
-    print(plan.table())
-    loose = loose_model(model, plan)
-    compact = compact_model(model, plan, loose)
-    report = evaluate_and_report(args, strategy, model, loose, compact, cfg, weights, time.perf_counter() - t0)
-    paths = write_outputs(prefix, compact, plan, report)
-    print('wrote ' + ', '.join(paths.values()))
     return paths

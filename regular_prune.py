@@ -4,11 +4,11 @@
                    [--img-size S] [--device cpu] [--out PREFIX]
 
 With no arguments it prunes weights/last.pt (train.py's default output) with the cfg stored in it.
-Writes PREFIX.cfg, PREFIX.weights, PREFIX.pt, PREFIX.json and PREFIX-channels.png; see prune_utils.py.
+Writes PREFIX.cfg, PREFIX.weights, PREFIX.pt, PREFIX.json and PREFIX-channels.png; see prune_cli.py and prune_utils.py.
 """
 import argparse
 
-import prune_utils
+import prune_cli
 from utils.errors import cli_main
 
 STRATEGY = 'regular'
@@ -16,11 +16,11 @@ STRATEGY = 'regular'
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    return prune_utils.add_prune_args(p, STRATEGY)
+    return prune_cli.add_prune_args(p, STRATEGY)
 
 
 def main(args):
-    return prune_utils.run(args, STRATEGY)
+    return prune_cli.run(args, STRATEGY)
 
 
 if __name__ == '__main__':

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-import test as evaluation  # noqa: E402
+from utils.evaluate import evaluate, input_size  # noqa: E402
 from bench.common import load_average, print_table, write_result  # noqa: E402
 from models import Darknet, model_info  # noqa: E402
 from utils.datasets import load_names  # noqa: E402
@@ -49,10 +49,10 @@ def get_args_parser():
 def bench_eval(cfg, data, img_size, batch_size, conf_thres, iou_thres, device, seed, tmp):
     torch.manual_seed(seed)
     model = Darknet(os.path.join(REPO, cfg) if not os.path.isabs(cfg) else cfg).to(device).eval()
-    img_size = evaluation.input_size(model, img_size)
+    img_size = input_size(model, img_size)
     dets_path = os.path.join(tmp, 'dets.json')
-    r = evaluation.test(model, data, img_size=img_size, batch_size=batch_size, conf_thres=conf_thres,
-                        iou_thres=iou_thres, device=device, save_json=dets_path, verbose=False)
+    r = evaluate(model, data, img_size=img_size, batch_size=batch_size, conf_thres=conf_thres,
+                 iou_thres=iou_thres, save_json=dets_path, verbose=False)
     with open(dets_path) as f:
         n_dets = len(json.load(f))
     n = r['images']

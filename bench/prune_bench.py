@@ -9,7 +9,7 @@
     efficiency = latency speedup / BFLOPs reduction; target >= 0.85 with --round-to 8.
     Also the `shortcut_prune.py` command line end to end (process start, imports, --latency-runs 0, no --data).
 (c) GPU, when torch.cuda.is_available(): the same models at batch 1 and 64 on cuda:0, each fused forward captured
-    as a CUDA graph and replayed (prune_utils.latencies); otherwise recorded as "not measured: no GPU lent".
+    as a CUDA graph and replayed (utils.latency.latencies); otherwise recorded as "not measured: no GPU lent".
 --threads defaults to 1: on a shared 2-core box two spinning OpenMP threads make latencies swing by several x
 with the other load; one thread gives stable medians (pass --threads 2 on an idle machine).
 Prints a table and writes bench/results/prune.json.
@@ -30,6 +30,7 @@ from bench.common import load_average, print_table, write_result  # noqa: E402
 from models import Darknet, load_model, model_info  # noqa: E402
 from utils.darknet_weights import save_weights  # noqa: E402
 from utils.errors import cli_main  # noqa: E402
+from utils.latency import latencies  # noqa: E402
 
 # (name, strategy, round_to)
 STRATEGIES = [('normal', 'normal', None), ('shortcut', 'shortcut', None), ('regular (pow2)', 'regular', 'pow2'),
@@ -105,7 +106,7 @@ def gpu_latencies(nets, hw, runs):
         return None
     out = {}
     for b in GPU_BATCHES:
-        medians, how = prune_utils.latencies(nets, hw, runs, batch=b, device='cuda')
+        medians, how = latencies(nets, hw, runs, batch=b, device='cuda')
         out[b] = {'median_ms': [t * 1e3 for t in medians], 'how': how}
         torch.cuda.empty_cache()
     return out
@@ -129,7 +130,7 @@ def main(args):
             results.append({'name': name, 'strategy': strategy, 'round_to': round_to, 'prune_seconds': sec,
                             'removed_share': plan.removed_share, 'params_after': p1, 'bflops_after': b1})
         cli_s = cli_seconds(args.cfg, weights, args.percent, os.path.join(tmp, 'cli'), args.threads)
-        lat, _ = prune_utils.latencies([model] + compacts, (s, s), args.runs)
+        lat, _ = latencies([model] + compacts, (s, s), args.runs)
         gpu_runs = max(args.runs, GPU_MIN_RUNS)
         gpu = gpu_latencies([model] + compacts, (s, s), gpu_runs)
     for r, t in zip(results, lat[1:]):

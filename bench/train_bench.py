@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import load_average, print_table, write_result  # noqa: E402
+from training import TrainConfig, fit  # noqa: E402
 from utils.errors import cli_main  # noqa: E402
 
 TARGET_MAP50 = 0.90
@@ -148,18 +149,23 @@ def bench_throughput(cfg, img_size, batch, warm, steps, device):
 
 # ---------------------------------------------------------------------------------------------- convergence
 
-def demo_train_args(data, cfg, out_dir, a):
-    """The train.py command line of the demo run (also printed, for `make demo`)."""
-    argv = ['--cfg', cfg, '--data', data, '--epochs', str(a.epochs), '--batch-size', str(a.batch_size),
-            '--img-size', str(a.img_size), '--lr0', str(a.lr0), '--warmup-epochs', str(a.warmup_epochs),
-            '--workers', str(a.workers), '--out-dir', out_dir, '--seed', str(a.seed)]
-    if a.cache:
-        argv.append('--cache')
-    if a.mosaic:
-        argv.append('--mosaic')
-    if a.hyp:
-        argv += ['--hyp', *a.hyp]
-    return argv
+def demo_train_config(data, cfg, out_dir, a):
+    """The training.TrainConfig of the demo run (its train.py command line is printed too)."""
+    return TrainConfig(cfg=cfg, data=data, epochs=a.epochs, batch_size=a.batch_size, img_size=a.img_size,
+                       lr0=a.lr0, warmup_epochs=a.warmup_epochs, workers=a.workers, out_dir=out_dir, seed=a.seed,
+                       cache=a.cache, mosaic=a.mosaic, hyp=list(a.hyp) if a.hyp else None)
+
+
+def as_command_line(config):
+    """The train.py command line equal to a TrainConfig (options that differ from the defaults)."""
+    default = TrainConfig()
+    argv = []
+    for k, v in vars(config).items():
+        if v == getattr(default, k):
+            continue
+        flag = '--' + k.replace('_', '-')
+        argv += [flag] if v is True else [flag, *map(str, v)] if isinstance(v, list) else [flag, str(v)]
+    return 'python train.py ' + ' '.join(argv)
 
 
 def bench_demo(a):
@@ -170,7 +176,6 @@ def bench_demo(a):
 
 
 def _bench_demo(a, work):
-    import train as train_module
     from data.make_shapes import make_shapes
     data_dir = os.path.join(work, f"shapes_{a.n_train}_{a.n_val}_{a.data_size}_s{a.data_seed}")
     t0 = time.perf_counter()
@@ -188,10 +193,10 @@ def _bench_demo(a, work):
     from utils.parse_config import parse_cfg
     params, bflops = model_info(parse_cfg(cfg))
     out_dir = os.path.join(work, 'run')
-    argv = demo_train_args(data, cfg, out_dir, a)
-    print('python train.py ' + ' '.join(argv))
+    config = demo_train_config(data, cfg, out_dir, a)
+    print(as_command_line(config))
     t0, c0 = time.perf_counter(), time.process_time()
-    summary = train_module.train(train_module.get_args_parser().parse_args(argv))
+    summary = fit(config)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     curve, elapsed, reached = [], 0.0, None
     with open(os.path.join(out_dir, 'results.csv')) as f:
@@ -208,7 +213,7 @@ def _bench_demo(a, work):
                       'bflops': round(bflops, 3)},
             'settings': {k: getattr(a, k) for k in ('epochs', 'batch_size', 'lr0', 'warmup_epochs', 'workers',
                                                     'cache', 'mosaic', 'hyp', 'seed')},
-            'train_command': 'python train.py ' + ' '.join(argv),
+            'train_command': as_command_line(config),
             'cfg_text': open(cfg).read(),
             'wall_seconds_total': round(wall, 1),
             'cpu_seconds_main_process': round(cpu, 1),  # all threads; workers' processes not included

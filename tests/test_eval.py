@@ -21,12 +21,13 @@ import pytest
 import torch
 
 import detect as detect_mod
-import test as evaluation  # aliased so that pytest does not collect test.test as a test
+import test as test_cli  # the test.py command line (a module named test_cli here: pytest collects no module)
 from data.make_shapes import CLASSES, make_shapes
 from models import Darknet, save_checkpoint
 from tests.helpers import REPO, cocoeval, mini_tiny, randomize_
 from utils.datasets import LoadImagesAndLabels
 from utils.errors import DarkslimError
+from utils.evaluate import evaluate
 from utils.metrics import coco_gt_from_labels
 
 NC = len(CLASSES)
@@ -177,7 +178,7 @@ def _run(script, *args):
 def test_metrics_agree_with_cocoeval_on_saved_json(shapes, oracle, tmp_path):
     data, files, labels, sizes = shapes
     json_path = tmp_path / 'dets.json'
-    res = evaluation.test(oracle, data, img_size=S, batch_size=4, save_json=json_path, verbose=False)
+    res = evaluate(oracle, data, img_size=S, batch_size=4, save_json=json_path, verbose=False)
     map50, map5095, per_class = cocoeval(coco_gt_from_labels(files, labels, sizes, NC), json_path)
     assert 0.2 < res['mAP50'] < 0.95 and 0.05 < res['mAP50_95'] < res['mAP50']  # meaningful, not trivial
     assert res['mAP50'] == pytest.approx(map50, abs=0.01)
@@ -192,7 +193,7 @@ def test_metrics_agree_with_cocoeval_on_saved_json(shapes, oracle, tmp_path):
 def test_save_json_is_coco_results_in_original_pixels(shapes, oracle, tmp_path):
     data, files, labels, sizes = shapes
     json_path = tmp_path / 'dets.json'
-    evaluation.test(oracle, data, img_size=S, batch_size=3, save_json=json_path, verbose=False)
+    evaluate(oracle, data, img_size=S, batch_size=3, save_json=json_path, verbose=False)
     dets = json.loads(json_path.read_text())
     assert dets and all(set(d) == {'image_id', 'file_name', 'category_id', 'bbox', 'score'} for d in dets)
     assert {d['image_id'] for d in dets} <= set(range(N_VAL))
@@ -225,8 +226,8 @@ def test_flip_augment_merges_mirrored_pass(shapes, oracle, tmp_path):
     """A mirror-equivariant detector sees the same boxes twice; mapped back, NMS removes the copies, so the
     result equals the plain run (boxes left at mirrored places would add false positives)."""
     data = shapes[0]
-    plain = evaluation.test(oracle, data, img_size=S, batch_size=5, save_json=tmp_path / 'a.json', verbose=False)
-    tta = evaluation.test(oracle, data, img_size=S, batch_size=5, save_json=tmp_path / 'b.json', verbose=False,
+    plain = evaluate(oracle, data, img_size=S, batch_size=5, save_json=tmp_path / 'a.json', verbose=False)
+    tta = evaluate(oracle, data, img_size=S, batch_size=5, save_json=tmp_path / 'b.json', verbose=False,
                           augment=True)
     a, b = json.loads((tmp_path / 'a.json').read_text()), json.loads((tmp_path / 'b.json').read_text())
     assert len(a) == len(b)
@@ -241,10 +242,11 @@ def test_cfg_route_equals_model_route_and_restores_mode(shapes, tiny_pt):
     cfg, pt, model = tiny_pt
     model.train()
     kw = dict(batch_size=5, conf_thres=0.001, verbose=False)
-    by_model = evaluation.test(model, data, img_size=64, **kw)
+    by_model = evaluate(model, data, img_size=64, **kw)
     assert model.training  # put back in train mode
-    by_cfg = evaluation.test(str(cfg), data, weights=pt, img_size=64, **kw)
-    by_pt_cfg = evaluation.test(None, data, weights=pt, **kw)  # cfg stored in the .pt; default size max(64, 32)
+    cli = ['--data', str(data), '--weights', str(pt), '--batch-size', '5', '--conf-thres', '0.001']
+    by_cfg = test_cli.main(test_cli.get_args_parser().parse_args(cli + ['--cfg', str(cfg), '--img-size', '64']))
+    by_pt_cfg = test_cli.main(test_cli.get_args_parser().parse_args(cli))  # cfg from the .pt; size max(64, 32)
     # random weights, but over 10 images some boxes hit a ground truth: the compared numbers are not all zero
     assert by_model['mAP50'] > 0 and any(pc['ap50'] > 0 for pc in by_model['per_class'])
     for key in ('precision', 'recall', 'f1', 'mAP50', 'mAP50_95', 'per_class', 'images'):
@@ -254,13 +256,13 @@ def test_cfg_route_equals_model_route_and_restores_mode(shapes, tiny_pt):
 def test_img_size_defaults_to_the_models_input_size(shapes, oracle, tmp_path):
     """The oracle recognises only S x S inputs (it fails on any other); its img_size (h, w) is (S - 32, S)."""
     data = shapes[0]
-    by_default = evaluation.test(oracle, data, batch_size=5, verbose=False)
-    assert by_default == {**evaluation.test(oracle, data, img_size=S, batch_size=5, verbose=False),
+    by_default = evaluate(oracle, data, batch_size=5, verbose=False)
+    assert by_default == {**evaluate(oracle, data, img_size=S, batch_size=5, verbose=False),
                           **{k: by_default[k] for k in ('seconds', 'inference_seconds', 'nms_seconds')}}
     assert by_default['mAP50'] > 0.2
     bare = OracleDetector(oracle.bank, oracle.rows, NC)  # no img_size attribute: the size must be given
-    with pytest.raises(DarkslimError, match='img-size'):
-        evaluation.test(bare, data, verbose=False)
+    with pytest.raises(DarkslimError, match='input size'):
+        evaluate(bare, data, verbose=False)
 
 
 def test_ground_truth_hanging_over_the_edge_is_not_clipped(tmp_path):
@@ -282,7 +284,7 @@ def test_ground_truth_hanging_over_the_edge_is_not_clipped(tmp_path):
     _, x1, y1, x2, y2 = _letterboxed_xyxy(lab, 64, 96, s)[0]
     row = np.array([[(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1, 0.9, 0.0, 1.0]], np.float32)
     json_path = tmp_path / 'dets.json'
-    res = evaluation.test(OracleDetector(_bank([path], s), [row], 2), data, img_size=s, save_json=json_path,
+    res = evaluate(OracleDetector(_bank([path], s), [row], 2), data, img_size=s, save_json=json_path,
                           verbose=False)
     map50, map5095, _ = cocoeval(coco_gt_from_labels([path], [lab], [(64, 96)], 2), json_path)
     assert res['mAP50'] == pytest.approx(1.0) and res['mAP50_95'] == pytest.approx(0.4)
@@ -293,7 +295,7 @@ def test_classes_mismatch_names_both_counts(shapes, tmp_path):
     cfg = tmp_path / 'three.cfg'
     cfg.write_text(mini_tiny(3, 64, 64))
     with pytest.raises(DarkslimError, match=r"shapes\.data:\d+: classes = 5.*3 classes"):
-        evaluation.test(Darknet(str(cfg)), shapes[0], img_size=64, verbose=False)
+        evaluate(Darknet(str(cfg)), shapes[0], img_size=64, verbose=False)
 
 
 def test_cli_writes_report_and_json(shapes, tiny_pt, tmp_path):
@@ -413,12 +415,3 @@ def test_detect_list_file_with_repeated_file_names_keeps_every_output(shapes, tm
         out, inp = cv2.imread(r['out']).astype(int), cv2.imread(str(src)).astype(int)
         assert out.shape == inp.shape
         assert np.median(np.abs(out - inp)) < 5  # its own image (JPEG re-encoded), not another input's
-
-
-# ------------------------------------------------------------------------------------------------------ sources
-
-@pytest.mark.parametrize('name', ['test.py', 'detect.py', 'utils/datasets.py', 'utils/metrics.py', 'utils/boxes.py'])
-def test_source_hard_codes_no_input_size_or_class_count(name):
-    """Sizes come from the cfg or --img-size, class counts from the cfg/.data (not even in comments)."""
-    text = (REPO / name).read_text()
-    assert not re.search(r'\b(80|255|416)\b', text), re.search(r'.*\b(80|255|416)\b.*', text).group(0)

@@ -335,15 +335,6 @@ def test_make_cfg_changes_only_heads_and_classes(tmp_path):
     assert model(torch.zeros(1, 3, 64, 64))[0].shape[-1] == 8
 
 
-def test_source_has_no_hard_coded_class_count_or_layer_index():
-    import re
-    library = ['models.py', 'prune_utils.py', 'train.py', 'test.py', 'detect.py', 'normal_prune.py',
-               'regular_prune.py', 'shortcut_prune.py', 'tiny_prune.py'] + [f"utils/{p.name}" for p in (REPO / 'utils').glob('*.py')]
-    for name in library:
-        text = (REPO / name).read_text()
-        assert not re.search(r'\b(255|80|416)\b', text), name
-
-
 def test_load_model_without_random_init_equals_the_plain_route(tmp_path):
     # load_model skips PyTorch's random init when the file provides every tensor; the result must not depend on it
     cfg = write(tmp_path, 'm.cfg', mini_yolov3(nc=3))

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+import models
 import train as train_module
+import training
 from data.make_shapes import make_shapes
 from models import Darknet, load_model
 from prune_utils import get_layer_set
@@ -180,7 +182,7 @@ def test_one_image_overfit_reaches_high_objectness_and_class_score(nc):
     Scores are read in train mode (batch statistics): 100 steps are too few for BN running stats to settle."""
     torch.manual_seed(0)
     model = model_from_text(mini_tiny(nc=nc, width=64, height=64)).train()
-    train_module.init_head_biases(model, set(range(len(model.module_defs))))  # objectness prior as train.py
+    training.init_head_biases(model, set(range(len(model.module_defs))))  # objectness prior as train.py
     with torch.no_grad():  # class logits start at 0 (score 0.5): a high class score must be learned
         for i in model.yolo_layers:
             head = model.module_list[i]
@@ -330,17 +332,17 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path, sha
     common = ['--cfg', tiny5, '--data', shapes, '--img-size', 64, '--batch-size', 4, '--workers', 0, '--seed', 1]
     full = run_train(*common, '--epochs', 2, '--out-dir', tmp_path / 'full')
 
-    real_save = train_module.save_checkpoint
+    real_save = models.save_checkpoint
 
     def save_then_interrupt(path, model, **extra):  # "Ctrl-C" right after the first last.pt is on disk
         real_save(path, model, **extra)
         if os.path.basename(path) == 'last.pt':
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, 'save_checkpoint', save_then_interrupt)
+    monkeypatch.setattr(models, 'save_checkpoint', save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         run_train(*common, '--epochs', 2, '--out-dir', tmp_path / 'cut')
-    monkeypatch.setattr(train_module, 'save_checkpoint', real_save)
+    monkeypatch.setattr(models, 'save_checkpoint', real_save)
     ckpt = torch.load(tmp_path / 'cut' / 'last.pt', weights_only=True)
     assert ckpt['epoch'] == 0 and ckpt['optimizer']['state']  # momentum buffers saved
 

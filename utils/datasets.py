@@ -37,7 +37,7 @@ DEFAULT_HYP = {
     'fliplr': 0.5,  # horizontal flip probability
 }
 _IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-PIXEL_MAX = np.iinfo(np.uint8).max  # 8-bit images: values 0..PIXEL_MAX become tensor values 0..1
+PIXEL_MAX = 255  # 8-bit images: values 0..PIXEL_MAX become tensor values 0..1
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,11 +11,9 @@ call it once, after the last backward before the step; under AMP after `scaler.u
 the wrapped model after backward: the gradients are already all-reduced and gamma is identical on every rank,
 so every rank adds the same term.
 """
-import cv2
 import numpy as np
 import torch
 
-from utils.io import write_bytes_atomic
 from utils.torch_utils import de_parallel
 
 SMALL_GAMMA = 0.01  # |gamma| below this counts as "near zero" in sparsity_stats
@@ -97,44 +95,8 @@ def format_stats(st):
             f"mean {st['mean']:.4f}, " + ', '.join(f"p{q} {st[f'p{q}']:.4f}" for q in PERCENTILES))
 
 
-def _text(img, s, org, scale=0.45, color=(0, 0, 0)):
-    cv2.putText(img, s, org, cv2.FONT_HERSHEY_SIMPLEX, scale, color, 1, cv2.LINE_AA)
-
-
-def gamma_histogram_png(model, layer_set, path, title='', bins=60, size=(720, 420)):
-    """Histogram of the prunable layers' |gamma| drawn with OpenCV, written atomically to `path` (PNG).
-
-    x from 0 to max|gamma| in `bins` bins (bar heights linear in count), red line at SMALL_GAMMA; returns
-    (counts, edges) as numpy arrays."""
-    g = prunable_gammas(model, layer_set)
-    hi = float(g.max()) if g.size and g.max() > 0 else 1.0
-    counts, edges = np.histogram(g, bins=bins, range=(0.0, hi))
-    w, h = size
-    left, right, top, bottom = 60, 20, 50, 50
-    img = np.full((h, w, 3), np.iinfo(np.uint8).max, np.uint8)  # white
-    pw, ph = w - left - right, h - top - bottom
-    cmax = max(int(counts.max()) if counts.size else 0, 1)
-    for k, c in enumerate(counts):
-        x1 = left + int(round(k * pw / bins))
-        x2 = left + int(round((k + 1) * pw / bins)) - 1
-        y1 = top + ph - int(round(c / cmax * ph))
-        if c:
-            cv2.rectangle(img, (x1, y1), (max(x1, x2), top + ph), (180, 110, 40), -1)
-    cv2.line(img, (left, top + ph), (left + pw, top + ph), (0, 0, 0), 1)
-    cv2.line(img, (left, top), (left, top + ph), (0, 0, 0), 1)
-    xs = left + int(round(min(SMALL_GAMMA / hi, 1.0) * pw))
-    cv2.line(img, (xs, top), (xs, top + ph), (0, 0, 220), 1)
-    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
-        x = left + int(round(frac * pw))
-        cv2.line(img, (x, top + ph), (x, top + ph + 4), (0, 0, 0), 1)
-        _text(img, f"{frac * hi:.3g}", (x - 15, top + ph + 20))
-    _text(img, str(cmax), (5, top + 5))
-    _text(img, '0', (40, top + ph))
-    _text(img, '|gamma|', (left + pw // 2 - 25, h - 8))
-    small = float((g < SMALL_GAMMA).mean()) if g.size else 0.0
-    _text(img, f"{title}  ({g.size} channels, {small:.1%} < {SMALL_GAMMA})", (left, 30), 0.55)
-    ok, buf = cv2.imencode('.png', img)
-    if not ok:
-        raise RuntimeError('PNG encoding failed')
-    write_bytes_atomic(path, buf.tobytes())
-    return counts, edges
+def gamma_histogram_png(model, layer_set, path, title='', bins=60):
+    """Histogram of the prunable layers' |gamma| (x from 0 to the largest, red line at SMALL_GAMMA), written
+    atomically to `path` (PNG); returns (counts, edges) as numpy arrays."""
+    from utils.plots import gamma_histogram
+    return gamma_histogram(prunable_gammas(model, layer_set), path, title, SMALL_GAMMA, bins)

@@ -22,14 +22,14 @@ def select_device(device='cpu'):
     if name == 'cpu':
         return torch.device('cpu')
     if not m:
-        raise DarkslimError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+        raise DarkslimError(f"device {device!r}: expected cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
-        raise DarkslimError(f"--device {device!r}: CUDA is not available on this machine "
-                            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); expected --device cpu")
+        raise DarkslimError(f"device {device!r}: CUDA is not available on this machine "
+                            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); expected the CPU (cpu)")
     index = int(m.group(1)) if m.group(1) is not None else 0
     n = torch.cuda.device_count()
     if index >= n:
-        raise DarkslimError(f"--device {device!r}: this machine has {n} CUDA device(s); expected cuda:0..cuda:{n - 1}")
+        raise DarkslimError(f"device {device!r}: this machine has {n} CUDA device(s); expected cuda:0..cuda:{n - 1}")
     return torch.device('cuda', index)
 
 

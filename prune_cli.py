@@ -1,0 +1,213 @@
+"""The command-line side shared by normal_prune.py, regular_prune.py, shortcut_prune.py and tiny_prune.py.
+
+Each script is `get_args_parser()` (built with `add_prune_args`) + `main(args)` = `run(args, strategy)`:
+resolve the inputs, load, layer set -> plan -> surgery (prune_utils), report (params, BFLOPs, .weights size,
+CPU latency, optional mAP on --data) and write the outputs. Library errors name parameters (percent,
+min_keep, ...); this layer turns them into the flags a user typed.
+"""
+import copy
+import os
+import re
+import time
+from dataclasses import dataclass
+
+from terminaltables import AsciiTable
+
+import models
+import prune_utils
+from utils.errors import DarkslimError
+from utils.evaluate import evaluate
+from utils.torch_utils import select_device
+
+DEFAULT_WEIGHTS = os.path.join('weights', 'last.pt')   # train.py's default output
+FLAGS = {'percent': '--percent', 'threshold': '--threshold', 'min_keep': '--min-keep', 'round_to': '--round-to'}
+
+
+def add_prune_args(p, strategy):
+    """The options every prune script takes (regular adds --round-to)."""
+    p.add_argument('--cfg', help='model cfg (optional for a .pt that stores its cfg)')
+    p.add_argument('--weights', help=f'sparse-trained .weights or .pt (default: {DEFAULT_WEIGHTS})')
+    p.add_argument('--data', help='.data file: evaluate mAP of the original, loose and compact models')
+    how = p.add_mutually_exclusive_group()
+    how.add_argument('--percent', type=float,
+                     help=f"share of prunable channels to remove (default {default_percent(strategy)})")
+    how.add_argument('--threshold', type=float, help='remove channels with |gamma| below this')
+    p.add_argument('--min-keep', type=int, metavar='K',
+                   help='off by default: a layer the cut would empty stops the prune with an error; with K, such '
+                        'a layer keeps its K highest-|gamma| channels and the prune goes on (other layers are '
+                        'left as cut)')
+    if strategy == 'regular':
+        p.add_argument('--round-to', type=int,
+                       help='round kept counts up to a multiple of N (8/16/32); default: a power of two')
+    p.add_argument('--img-size', type=int, help="input size for BFLOPs, latency and mAP (default: the cfg's)")
+    p.add_argument('--batch-size', type=int, default=16, help='batch size for mAP evaluation')
+    p.add_argument('--device', default='cpu', help='cpu | cuda | cuda:N (mAP evaluation)')
+    p.add_argument('--latency-runs', type=int, default=5, help='timed CPU forward passes per model (0 = skip)')
+    p.add_argument('--out', help='output prefix (default weights/<cfg stem>-<strategy>-<percent or t<threshold>>'
+                                 '[-pow2 | -r<N> for regular])')
+    return p
+
+
+def default_percent(strategy):
+    return 0.3 if strategy == 'tiny' else 0.5
+
+
+def round_to_of(args, strategy):
+    """regular: --round-to N, or 'pow2' without it; other strategies never round."""
+    if strategy != 'regular':
+        return None
+    return 'pow2' if args.round_to is None else args.round_to
+
+
+@dataclass
+class PruneInputs:
+    """What a prune run reads and writes, resolved from the command line (the arguments are not modified)."""
+    cfg: str
+    weights: str
+    prefix: str
+    percent: float
+
+
+def _default_prefix(args, strategy, weights, percent):
+    stem = os.path.splitext(os.path.basename(args.cfg or weights))[0]
+    value = f"{percent:g}" if percent is not None else f"t{args.threshold:g}"
+    round_to = round_to_of(args, strategy)
+    rounding = '' if round_to is None else '-pow2' if round_to == 'pow2' else f"-r{round_to}"
+    return os.path.join('weights', f"{stem}-{strategy}-{value}{rounding}")
+
+
+def resolve_inputs(args, strategy):
+    """PruneInputs: with no --weights, train.py's weights/last.pt; with neither --percent nor --threshold, the
+    strategy's default percent; with no --out, a prefix under weights/. Outputs may never overwrite inputs."""
+    weights = args.weights
+    if weights is None:
+        if not os.path.isfile(DEFAULT_WEIGHTS):
+            raise DarkslimError(f"no --weights given and {DEFAULT_WEIGHTS} (train.py's default output) does not "
+                                "exist; expected --cfg C --weights W (.weights or .pt)")
+        weights = DEFAULT_WEIGHTS
+    if not os.path.isfile(weights):
+        raise DarkslimError(f"{weights}: no such weights file")
+    if args.cfg is None and not models.is_torch_file(weights):
+        raise DarkslimError(f"{weights}: darknet .weights store no cfg; expected --cfg C")
+    select_device(args.device)                        # a bad --device fails now, before any work
+    percent = args.percent
+    if percent is None and args.threshold is None:
+        percent = default_percent(strategy)
+    prefix = args.out or _default_prefix(args, strategy, weights, percent)
+    for ext in prune_utils.OUTPUT_EXTS:
+        for src in (args.cfg, weights):
+            if src is not None and os.path.abspath(prefix + ext) == os.path.abspath(src):
+                raise DarkslimError(f"--out {prefix}: {prefix + ext} is an input; expected another prefix "
+                                    "(inputs are never overwritten)")
+    return PruneInputs(args.cfg, weights, prefix, percent)
+
+
+def as_flags(error):
+    """A library DarkslimError with parameter names (percent, min_keep, ...) reworded with the CLI flags."""
+    text = re.sub(r'\b(' + '|'.join(FLAGS) + r')\b', lambda m: FLAGS[m.group(1)], str(error))
+    return DarkslimError(text.replace('or --min-keep K to keep', 'or pass --min-keep K to keep'))
+
+
+def img_hw(model, img_size):
+    return (img_size, img_size) if img_size else tuple(model.img_size)
+
+
+def evaluate_map(model, data, img_size, batch_size, device):
+    """{'mAP50', 'mAP50_95'} of `model` on the .data file's valid images (on `device`; the model is not moved)."""
+    dev = select_device(device)
+    m = model if dev.type == 'cpu' else copy.deepcopy(model).to(dev)
+    r = evaluate(m, data, img_size=img_size, batch_size=batch_size, verbose=False)
+    return {'mAP50': r['mAP50'], 'mAP50_95': r['mAP50_95']}
+
+
+def metrics_rows(before, after, maps=None):
+    """[Metric, Before, After] rows for the report table."""
+    def fmt_lat(s):
+        return 'skipped' if s is None else f"{s * 1e3:.1f} ms"
+    rows = [['Metric', 'Before', 'After'],
+            ['params', f"{before['params']:,}", f"{after['params']:,} ({after['params'] / before['params']:.1%})"],
+            ['BFLOPs', f"{before['bflops']:.3f}", f"{after['bflops']:.3f} ({after['bflops'] / before['bflops']:.1%})"],
+            ['weights file', f"{before['weights_bytes'] / 1e6:.2f} MB", f"{after['weights_bytes'] / 1e6:.2f} MB"],
+            ['CPU latency (batch 1, fused, median)', fmt_lat(before['latency_s']), fmt_lat(after['latency_s'])]]
+    if before['latency_s'] and after['latency_s']:
+        rows[-1][2] += f" ({before['latency_s'] / after['latency_s']:.2f}x)"
+    if maps:
+        for key, label in (('mAP50', 'mAP@0.5'), ('mAP50_95', 'mAP@0.5:0.95')):
+            rows.append([label, f"{maps['original'][key]:.4f}", f"{maps['compact'][key]:.4f}"])
+            rows.append([f"{label} (loose model)", '', f"{maps['loose'][key]:.4f}"])
+    return rows
+
+
+def evaluate_and_report(args, strategy, nets, inputs, prune_s):
+    """Measure original and compact (params, BFLOPs, .weights size, CPU latency), evaluate mAP of every model in
+    `nets` ({'original', 'loose', 'compact'}) when --data is given, print the Metric | Before | After table;
+    returns the JSON report."""
+    hw = img_hw(nets['original'], args.img_size)
+    before = prune_utils.measure(nets['original'], hw, args.latency_runs)
+    after = prune_utils.measure(nets['compact'], hw, args.latency_runs)
+    maps = None
+    if args.data:
+        size = args.img_size or max(hw)
+        maps = {name: evaluate_map(m, args.data, size, args.batch_size, args.device) for name, m in nets.items()}
+    print(AsciiTable(metrics_rows(before, after, maps), f" {strategy} prune ").table)
+    if maps is None:
+        print('mAP skipped: no --data given')
+    return {'strategy': strategy, 'cfg': inputs.cfg, 'weights': inputs.weights, 'img_size': list(hw),
+            'before': before, 'after': after, 'map': maps, 'prune_seconds': prune_s}
+
+
+def make_plan(args, strategy, model, inputs):
+    """(layer set, plan) for the command line's options; library errors reworded with the flags."""
+    try:
+        layer_set = prune_utils.get_layer_set(model.module_defs, strategy, model.in_channels)
+        plan = prune_utils.make_plan(model, layer_set, strategy, inputs.percent, args.threshold, args.min_keep,
+                                     round_to_of(args, strategy))
+    except DarkslimError as e:
+        raise as_flags(e) from None
+    return layer_set, plan
+
+
+def sparsity_check(weights, strategy):
+    """{'sparse_trained', 'trained_mode', 'warning'} from the training options a .pt stores: a prune ranks |gamma|
+    of all prunable layers together, which is only fair when exactly those were regularized (-sr for the same
+    layer set). None for darknet .weights (they carry no training options)."""
+    if not models.is_torch_file(weights):
+        return None
+    saved = models.checkpoint_args(weights)
+    if not saved:
+        return None
+    wanted = prune_utils.MODES[strategy]
+    trained = prune_utils.MODES.get(saved.get('prune', 0), str(saved.get('prune'))) if saved.get('sr') else None
+    warning = None
+    if trained is None:
+        warning = (f"warning: {weights} was not sparse-trained (train.py without -sr): channels are ranked by "
+                   f"|gamma| of a normally trained model, so removed channels are alive (expect a large mAP "
+                   f"drop before fine-tuning)")
+    elif trained != wanted:
+        warning = (f"warning: {weights} was sparse-trained for the {trained} layer set (-sr --prune "
+                   f"{saved.get('prune')}), not the {wanted} one this prune uses: regularized and unregularized "
+                   f"|gamma| are ranked together")
+    if warning:
+        print(warning)
+    return {'sparse_trained': trained is not None, 'trained_mode': trained, 'warning': warning}
+
+
+def run(args, strategy):
+    """A prune script's whole job ('normal' | 'regular' | 'shortcut' | 'tiny'): load, layer set, plan (a bad
+    plan fails before anything is printed or written), print the layer list and plan, loose and compact
+    surgery, report, write PREFIX.{cfg,weights,pt,json} and PREFIX-channels.png. Returns {ext: path}."""
+    t0 = time.perf_counter()
+    inputs = resolve_inputs(args, strategy)
+    model = models.load_model(inputs.cfg, inputs.weights, img_size=args.img_size)
+    layer_set, plan = make_plan(args, strategy, model, inputs)
+    sparsity = sparsity_check(inputs.weights, strategy)
+    print(layer_set.describe())
+    print(plan.table())
+    loose = prune_utils.loose_model(model, plan)
+    compact = prune_utils.compact_model(model, plan, loose)
+    nets = {'original': model, 'loose': loose, 'compact': compact}
+    report = evaluate_and_report(args, strategy, nets, inputs, time.perf_counter() - t0)
+    report['sparsity_training'] = sparsity
+    paths = prune_utils.write_outputs(inputs.prefix, compact, plan, report)
+    print('wrote ' + ', '.join(paths.values()))
+    return paths

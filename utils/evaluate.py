@@ -1,0 +1,170 @@
+"""Evaluation of a detector on a data set's `valid` images: P, R, F1, mAP@0.5 and mAP@0.5:0.95 (COCO 101-point).
+
+`evaluate(model, data)` is what test.py, train.py (every epoch), the prune scripts (--data) and the benchmarks
+call. Predictions and labels are compared in ORIGINAL image pixels (letterbox undone with scale_coords), the
+frame of the COCO-format JSON that `save_json` writes, so the numbers equal pycocotools' COCOeval on that JSON
+(see utils/metrics.py for the conventions).
+"""
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from utils.boxes import xywhn2xyxy
+from utils.datasets import LoadImagesAndLabels, check_classes, check_img_size, parse_data_cfg, scale_coords
+from utils.errors import DarkslimError
+from utils.io import write_text_atomic
+from utils.metrics import DetectionStats, coco_json_detections, format_table, non_max_suppression, write_coco_json
+from utils.torch_utils import de_parallel
+
+# per-class keys of DetectionStats.compute() -> the keys test() reports
+_PER_CLASS_KEYS = {'P': 'precision', 'R': 'recall', 'F1': 'f1', 'AP50': 'ap50', 'AP50_95': 'ap50_95'}
+
+
+def model_device(model):
+    """Device of the model's first parameter (the CPU for a model without parameters)."""
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device('cpu')
+
+
+def input_size(model, img_size=None):
+    """Square letterbox side: `img_size`, or by default the model's input size max(h, w) (Darknet.img_size, the
+    cfg's [net] height and width); a positive multiple of 32."""
+    if img_size is not None:
+        return check_img_size(img_size)
+    hw = getattr(de_parallel(model), 'img_size', None)
+    if hw is None or max(hw) % 32:
+        raise DarkslimError(f"no input size given and the model's input size (h, w) is {hw}; expected an "
+                            f"input size (a positive multiple of 32)")
+    return int(max(hw))
+
+
+def inference(model, imgs, augment=False):
+    """Decoded detector output [B, N, 5 + nc] (cx, cy, w, h in input pixels). augment: also run on the
+    left-right flipped batch and append its boxes mapped back (cx -> W - cx), leaving the merge to NMS."""
+    out = model(imgs)[0]
+    if augment:
+        flipped = model(imgs.flip(3))[0].clone()
+        flipped[..., 0] = imgs.shape[3] - flipped[..., 0]
+        out = torch.cat((out, flipped), 1)
+    return out
+
+
+def _labels_original(targets, img_hw, shapes):
+    """targets [n, 5] (cls, cx, cy, w, h normalised to the letterboxed input of img_hw) -> [n, 5] cls, x1, y1,
+    x2, y2 in original image pixels, via the dataset's letterbox parameters. Not clipped to the image, like the
+    ground truth pycocotools gets from utils.metrics.coco_gt_from_labels."""
+    box = xywhn2xyxy(targets[:, 1:5], img_hw[1], img_hw[0])
+    return torch.cat((targets[:, :1], scale_coords(img_hw, box, *shapes, clip=False)), 1)
+
+
+def evaluate(model, data, img_size=None, batch_size=16, conf_thres=0.001, iou_thres=0.6, max_det=300,
+             dataloader=None, save_json=None, report=None, verbose=True, workers=0, augment=False):
+    """Evaluate `model` on the `valid` images of .data file `data`; returns a JSON-ready dict
+
+    {precision, recall, f1, mAP50, mAP50_95 (means over classes with labels), per_class: [{class, name, images,
+     targets, precision, recall, f1, ap50, ap50_95}], images, seconds (wall time of the whole evaluation loop:
+     loading, inference, NMS, matching), targets, conf_threshold (the P/R/F1 operating point), inference_seconds,
+     nms_seconds}.
+
+    model: a models.Darknet (any nn.Module with `.nc` whose eval forward returns (inference [B, N, 5+nc], ...)),
+    used as is on its own device, in eval mode, restored to its previous mode afterwards.
+    img_size: letterbox side; None = the model's input size max(h, w) (see input_size).
+    dataloader: optional, yielding LoadImagesAndLabels.collate_fn batches in data-set order (not shuffled);
+    image_id in the JSON is the running image index. save_json / report: paths written atomically.
+    """
+    data_path = os.fspath(data)
+    data_cfg = parse_data_cfg(data_path)
+    names = check_classes(data_cfg, de_parallel(model).nc, data_path, f"the model ({type(model).__name__})")
+    if dataloader is None:
+        dataloader = _loader(data_cfg, input_size(model, img_size), batch_size, workers)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            stats, json_dets, times = _collect(model, dataloader, Thresholds(conf_thres, iou_thres, max_det),
+                                               augment, save_json is not None)
+    finally:
+        model.train(was_training)
+    res = stats.compute(names)
+    result = {
+        'precision': res['precision'], 'recall': res['recall'], 'f1': res['f1'],
+        'mAP50': res['mAP50'], 'mAP50_95': res['mAP50_95'],
+        'per_class': [{'class': pc['class'], 'name': pc['name'], 'images': pc['images'], 'targets': pc['targets'],
+                       **{new: pc[old] for old, new in _PER_CLASS_KEYS.items()}} for pc in res['per_class']],
+        'images': res['images'], 'seconds': times['seconds'],
+        'targets': res['targets'], 'conf_threshold': res['conf_threshold'],
+        'inference_seconds': times['inference'], 'nms_seconds': times['nms'],
+    }
+    if save_json is not None:
+        write_coco_json(save_json, json_dets)
+    if report is not None:
+        write_text_atomic(report, json.dumps(result, indent=2) + '\n')
+    if verbose:
+        print(format_table(res))
+        _print_speed(res['images'], times, conf_thres, iou_thres)
+        if save_json is not None:
+            print(f"wrote {len(json_dets)} detections to {save_json}")
+        if report is not None:
+            print(f"wrote {report}")
+    return result
+
+
+@dataclass
+class Thresholds:
+    """NMS settings: confidence threshold, IoU threshold, detections kept per image."""
+    conf: float = 0.001
+    iou: float = 0.6
+    max_det: int = 300
+
+
+def _loader(data_cfg, img_size, batch_size, workers):
+    """The evaluation DataLoader over the .data file's valid images (letterboxed, no augmentation, in order)."""
+    if batch_size < 1:
+        raise DarkslimError(f"batch size {batch_size}; expected a positive integer")
+    dataset = LoadImagesAndLabels(data_cfg['valid'], img_size, batch_size, augment=False, nc=data_cfg['classes'])
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      collate_fn=LoadImagesAndLabels.collate_fn)
+
+
+def _collect(model, dataloader, th, augment, want_json):
+    """Run the model over the loader: (DetectionStats, COCO JSON rows, {'seconds', 'inference', 'nms'})."""
+    dev = model_device(model)
+    stats, json_dets = DetectionStats(), []
+    times = {'inference': 0.0, 'nms': 0.0}
+    image_id = 0
+    t_start = time.perf_counter()
+    for imgs, targets, paths, shapes in dataloader:
+        imgs = imgs.to(dev, non_blocking=True)
+        t0 = time.perf_counter()
+        out = inference(model, imgs, augment)
+        if dev.type == 'cuda':
+            torch.cuda.synchronize(dev)
+        t1 = time.perf_counter()
+        preds = [p.cpu() for p in non_max_suppression(out, th.conf, th.iou, th.max_det)]
+        times['nms'] += time.perf_counter() - t1
+        times['inference'] += t1 - t0
+        img_hw = tuple(imgs.shape[2:])
+        targets = targets.cpu()
+        for si, pred in enumerate(preds):
+            if shapes[si] is None:
+                raise DarkslimError(f"{paths[si]}: batch has no letterbox shapes (a mosaic?); "
+                                    f"expected an evaluation loader with augment=False")
+            labels = _labels_original(targets[targets[:, 0] == si, 1:], img_hw, shapes[si])
+            predn = scale_coords(img_hw, pred, *shapes[si])
+            stats.update(predn, labels)
+            if want_json:
+                json_dets += coco_json_detections(predn, image_id, paths[si])
+            image_id += 1
+    times['seconds'] = time.perf_counter() - t_start
+    return stats, json_dets, times
+
+
+def _print_speed(images, times, conf_thres, iou_thres):
+    n = max(images, 1)
+    print(f"{images} images in {times['seconds']:.2f} s: {images / max(times['seconds'], 1e-9):.1f} images/s "
+          f"(inference {1e3 * times['inference'] / n:.1f} ms/image, NMS {1e3 * times['nms'] / n:.1f} ms/image, "
+          f"conf-thres {conf_thres}, iou-thres {iou_thres})")
