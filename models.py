@@ -78,13 +78,25 @@ class Route(nn.Module):
 
 
 class Shortcut(nn.Module):
+    """Darknet [shortcut]: act(previous layer + each `from` layer), inputs of equal height x width.
+
+    Inputs may differ in channels, as in AlexeyAB shortcut_layer.c (and OpenCV's importer): the output has the
+    previous layer's C channels; an input of C_j channels is added to channels 0..min(C, C_j)-1 only, so the
+    previous layer's channels past C_j pass unchanged and the input's channels past C are ignored.
+    """
+
     def __init__(self, act):
         super().__init__()
         self.act = activation(act)
 
     def forward(self, xs):
         out = xs[0]
+        c = out.shape[1]
         for x in xs[1:]:
+            if x.shape[1] > c:
+                x = x[:, :c]
+            elif x.shape[1] < c:
+                x = F.pad(x, (0, 0, 0, 0, 0, c - x.shape[1]))  # zeros for the channels x lacks
             out = out + x
         return self.act(out)
 
@@ -92,23 +104,32 @@ class Shortcut(nn.Module):
 class YOLOLayer(nn.Module):
     """Darknet [yolo] head: reshape the conv output and decode boxes as darknet's yolo_layer.c does.
 
-    raw:  [B, na, H, W, 5+nc], the conv output before any activation.
+    raw:  [B, na, H, W, 5+nc], the conv output.
     decoded (eval): [B, na*H*W, 5+nc] with centre x, y and w, h in input pixels, objectness and class
-    probabilities (sigmoid): xy = (sigmoid(t)*scale_x_y - (scale_x_y-1)/2 + grid) * stride, wh = exp(t)*anchor.
+    probabilities. s = scale_x_y, grid = the cell's column/row, stride = input size / grid size:
+      default:        xy = (sigmoid(t)*s - (s-1)/2 + grid) * stride, wh = exp(t) * anchor, obj/cls = sigmoid(t)
+      new_coords=1:   the head conv is logistic-activated already (scaled-YOLOv4), so with p the raw output
+                      xy = (p*s - (s-1)/2 + grid) * stride, wh = (2p)^2 * anchor, obj/cls = p.
+    Training a new_coords head is refused (`where` names its cfg line): the loss decodes with the default rule.
     """
 
-    def __init__(self, anchors, nc, scale_x_y=1.0):
+    def __init__(self, anchors, nc, scale_x_y=1.0, new_coords=False, where='[yolo]'):
         super().__init__()
         self.anchor_list = [tuple(a) for a in anchors]  # pixels; the buffer below is rebuilt from it
         self.register_buffer('anchors', torch.tensor(anchors, dtype=torch.float32).view(-1, 2), persistent=False)
         self.na, self.nc, self.no = len(anchors), nc, nc + 5
         self.scale_x_y = float(scale_x_y)
+        self.new_coords = bool(new_coords)
+        self.where = where
         self.grid = None
 
     def forward(self, p, img_hw):
         b, _, ny, nx = p.shape
         p = p.view(b, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
         if self.training:
+            if self.new_coords and torch.is_grad_enabled():
+                raise DarkslimError(f"{self.where}: training a [yolo] new_coords=1 head is not supported; the "
+                                    "loss decodes boxes with sigmoid/exp (new_coords=0)")
             return p, None
         stride = torch.tensor([img_hw[1] / nx, img_hw[0] / ny], device=p.device, dtype=p.dtype)
         if self.grid is None or self.grid.shape[2:4] != (ny, nx) or self.grid.device != p.device:
@@ -116,9 +137,15 @@ class YOLOLayer(nn.Module):
                                     indexing='ij')
             self.grid = torch.stack((xv, yv), 2).view(1, 1, ny, nx, 2).to(p.dtype)
         s = self.scale_x_y
-        xy = (torch.sigmoid(p[..., :2]) * s - (s - 1) / 2 + self.grid) * stride
-        wh = torch.exp(p[..., 2:4]) * self.anchors.to(p.dtype).view(1, self.na, 1, 1, 2)
-        rest = torch.sigmoid(p[..., 4:])
+        anchors = self.anchors.to(p.dtype).view(1, self.na, 1, 1, 2)
+        if self.new_coords:
+            xy = (p[..., :2] * s - (s - 1) / 2 + self.grid) * stride
+            wh = (2 * p[..., 2:4]) ** 2 * anchors
+            rest = p[..., 4:]
+        else:
+            xy = (torch.sigmoid(p[..., :2]) * s - (s - 1) / 2 + self.grid) * stride
+            wh = torch.exp(p[..., 2:4]) * anchors
+            rest = torch.sigmoid(p[..., 4:])
         return p, torch.cat((xy, wh, rest), -1).view(b, -1, self.no)
 
 
@@ -151,10 +178,11 @@ def create_modules(module_defs, in_channels):
             c_out = sum(channels[j] // groups for j in layer_inputs([None] + module_defs, i))
         elif t == 'shortcut':
             m = Shortcut(d.get('activation', 'linear'))
-            c_out = c_in
+            c_out = c_in  # the previous layer's channels, whatever the `from` layers hold (see Shortcut)
         elif t == 'yolo':
             anchors = [d['anchors'][k] for k in yolo_masks(d)]
-            m = YOLOLayer(anchors, d.get('classes', 20), d.get('scale_x_y', 1.0))
+            m = YOLOLayer(anchors, d.get('classes', 20), d.get('scale_x_y', 1.0), d.get('new_coords', 0),
+                          d.where('new_coords'))
             c_out = c_in
         module_list.append(m)
         channels.append(c_out)
