@@ -71,6 +71,13 @@ def need_darknet():
         pytest.skip(why)
 
 
+def need_darknet_cli():
+    """Skip the calling test unless the darknet executable is present."""
+    import pytest
+    if not os.access(DARKNET_CLI, os.X_OK):
+        pytest.skip(f"{DARKNET_CLI} absent (apt-get install darknet)")
+
+
 def build_shim(folder=None):
     """Compile SHIM_SOURCE against darknet.h into `folder` (default: a temp folder keyed by the header and
     shim contents, reused by later calls). Returns the shared library's path."""
@@ -80,12 +87,15 @@ def build_shim(folder=None):
     if lib.is_file():
         return lib
     folder.mkdir(parents=True, exist_ok=True)
-    src = folder / 'dkshim.c'
+    src = folder / f'.dkshim.{os.getpid()}.c'   # per process: concurrent builds never share a half-written file
     src.write_text(SHIM_SOURCE)
     tmp = folder / f'.dkshim.{os.getpid()}.so'
     # the header is the CPU build's: GPU/CUDNN undefined, as libdarknet was built (checked in open_darknet)
-    subprocess.run(['gcc', '-shared', '-fPIC', '-O1', f'-I{DARKNET_HEADER.parent}', str(src), '-o', str(tmp)],
-                   check=True, capture_output=True, text=True)
+    r = subprocess.run(['gcc', '-shared', '-fPIC', '-O1', f'-I{DARKNET_HEADER.parent}', str(src), '-o', str(tmp)],
+                       capture_output=True, text=True)
+    src.unlink()
+    if r.returncode != 0:
+        raise RuntimeError(f"gcc could not compile the darknet.h accessor shim:\n{r.stderr[-2000:]}")
     os.replace(tmp, lib)
     return lib
 

@@ -16,7 +16,8 @@ import torch
 
 from models import Darknet, load_model
 from prune_utils import get_layer_set
-from tests.darknet_lib import DARKNET_CLI, cfg_for_input, darknet_run, max_yolo_diff, need_darknet
+from tests.darknet_lib import (DARKNET_CLI, cfg_for_input, darknet_run, max_yolo_diff, need_darknet,
+                               need_darknet_cli)
 from tests.helpers import REPO, need_shared, randomize_
 from tests.prune_helpers import narrow_defs, raw_outputs, sparsify_
 from utils.darknet_weights import save_weights
@@ -169,6 +170,7 @@ DETECTION_LINE = re.compile(r'^(.+): (\d+)%$')  # darknet's draw_detections prin
 
 
 def test_darknet_cli_detects_with_a_pruned_real_model(tmp_path):
+    need_darknet_cli()
     folder = need_shared('models/yolov3-tiny-coco')
     image = first_val_image()
     cfg, weights = folder / 'yolov3-tiny.cfg', folder / 'yolov3-tiny.weights'
