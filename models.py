@@ -3,6 +3,7 @@
     python models.py summary  --cfg C [--weights W] [--img-size N]
     python models.py convert  --cfg C --weights IN --out OUT       (.pt <-> .weights)
     python models.py make-cfg --base C --classes N --out OUT
+    python models.py export   --cfg C --weights W --out M.onnx [--img-size S] [--batch B | --dynamic]
 """
 import argparse
 import copy
@@ -513,6 +514,18 @@ def make_cfg(base, classes, out):
     return out
 
 
+def export(cfg, weights, out, img_size=None, batch=1, dynamic=False, opset=17):
+    """ONNX file of cfg + weights (BN fused; outputs `detections` and the raw `yolo_<layer>` tensors; see
+    utils/onnx_export.py). Needs the `onnx` package (and onnxruntime to run the result)."""
+    from utils.onnx_export import export_onnx
+    refuse_overwrite(out, weights, cfg)
+    model = load_model(cfg, weights)
+    hw = (img_size, img_size) if img_size else None
+    done = export_onnx(model, out, img_size=hw, batch=batch, dynamic=dynamic, opset=opset)
+    print(done.summary())
+    return out
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest='command', required=True)
@@ -528,6 +541,15 @@ def get_args_parser():
     m.add_argument('--base', required=True)
     m.add_argument('--classes', type=int, required=True)
     m.add_argument('--out', required=True)
+    e = sub.add_parser('export', help='ONNX for onnxruntime / TensorRT / OpenVINO (needs the onnx package)')
+    e.add_argument('--cfg', help='cfg (optional for a .pt that stores one)')
+    e.add_argument('--weights', required=True)
+    e.add_argument('--out', required=True, help='the .onnx file to write')
+    e.add_argument('--img-size', type=int, help="input side (default: the cfg's width x height)")
+    size = e.add_mutually_exclusive_group()
+    size.add_argument('--batch', type=int, default=1, help='fixed batch size (default 1)')
+    size.add_argument('--dynamic', action='store_true', help='dynamic batch axis')
+    e.add_argument('--opset', type=int, default=17)
     return p
 
 
@@ -538,6 +560,10 @@ def main(args):
         convert(args.cfg, args.weights, args.out)
     elif args.command == 'make-cfg':
         make_cfg(args.base, args.classes, args.out)
+    elif args.command == 'export':
+        if args.batch < 1:
+            raise DarkslimError(f"--batch {args.batch}; expected a positive batch size")
+        export(args.cfg, args.weights, args.out, args.img_size, args.batch, args.dynamic, args.opset)
     return 0
 
 
