@@ -50,12 +50,16 @@ class LayerSet:
     prunable: conv layer indices whose BN channels may be removed (= the BN layers `train.py -sr` regularizes)
     excluded: every other BN conv layer index -> why it is left whole
     groups:   shortcut-coupled prunable convs that share one keep mask (groups of one omitted)
+    slices:   conv layer index -> g for prunable convs read whole by a `[route] groups=g` split: their channels
+              are g equal slices, and every slice must keep the same count (so the split still cuts between the
+              same two sets of channels)
     filters:  conv layer index -> filters, for every BN conv (for printing)
     """
     mode: str
     prunable: list = field(default_factory=list)
     excluded: dict = field(default_factory=dict)
     groups: list = field(default_factory=list)
+    slices: dict = field(default_factory=dict)
     filters: dict = field(default_factory=dict)
 
     def group_of(self, i):
@@ -73,12 +77,15 @@ class LayerSet:
                 rows.append([i, self.filters.get(i, ''), 'excluded', self.excluded[i]])
             else:
                 g = self.group_of(i)
-                rows.append([i, self.filters.get(i, ''), 'prunable', '' if g is None else f"g{g}: {self.groups[g]}"])
+                how = '' if g is None else f"g{g}: {self.groups[g]}"
+                if i in self.slices:
+                    how = (how + '; ' if how else '') + f"{self.slices[i]} equal slices ([route] groups split)"
+                rows.append([i, self.filters.get(i, ''), 'prunable', how])
         n_ch = sum(self.filters.get(i, 0) for i in self.prunable)
         total = sum(self.filters.values())
         summary = (f"mode {self.mode}: {len(self.prunable)} of {len(self.prunable) + len(self.excluded)} BN convs "
                    f"prunable ({n_ch} of {total} channels), {len(self.excluded)} excluded, "
-                   f"{len(self.groups)} shortcut groups")
+                   f"{len(self.groups)} shortcut groups, {len(self.slices)} sliced by [route] groups")
         return AsciiTable(rows).table + '\n' + summary
 
 
@@ -170,8 +177,10 @@ def _own_exclusions(graph):
             for n in graph.nodes_read_by(i):
                 add(n, f"feeds [yolo] {i}")
         elif t == 'route' and d.get('groups', 1) > 1:
-            for n in graph.nodes_read_by(i):
-                add(n, f"[route] groups input (layer {i})")
+            for j in graph.inputs[i]:
+                if graph.whole_node(j) in (None, IMAGE):  # a slice of a concatenation: no per-node rule
+                    for n, _, _ in graph.segs[j]:
+                        add(n, f"[route] {i} groups={d['groups']} slices a concatenation")
         elif t == 'convolutional' and d.get('groups', 1) > 1:
             add(i, f"[convolutional] groups={d['groups']}")
             for n in graph.nodes_read_by(i):
@@ -189,6 +198,42 @@ def _own_exclusions(graph):
                     for n in graph.nodes_read_by(i):
                         add(n, f"[shortcut] {i} reads a [route] concatenation/slice")
     return reasons
+
+
+def sliced_nodes(graph):
+    """{node: g} for nodes read whole by a `[route] groups` split (g = the lcm of the groups of every such
+    route: equal counts in lcm slices give equal counts in each route's slices)."""
+    out = {}
+    for i, d in enumerate(graph.defs):
+        if d['type'] == 'route' and d.get('groups', 1) > 1:
+            for j in graph.inputs[i]:
+                node = graph.whole_node(j)
+                if node not in (None, IMAGE):
+                    out[node] = math.lcm(out.get(node, 1), d['groups'])
+    return out
+
+
+def _add_slices(ls, defs, graph, uf, coupled_by, members):
+    """Record the slice constraint of every prunable unit (a shortcut group shares its members' constraint);
+    a unit whose channels do not split into equal slices is excluded instead."""
+    sliced = sliced_nodes(graph)
+    if not sliced:
+        return
+    grouped = {i for grp in ls.groups for i in grp}
+    units = [list(grp) for grp in ls.groups] + [[i] for i in ls.prunable if i not in grouped]
+    for unit in units:
+        nodes = members[uf.find(unit[0])] if unit[0] in coupled_by else unit
+        g = math.lcm(*[sliced.get(n, 1) for n in nodes])
+        if g == 1:
+            continue
+        if defs[unit[0]]['filters'] % g:
+            for i in unit:
+                ls.prunable.remove(i)
+                ls.excluded[i] = f"{defs[unit[0]]['filters']} channels do not split into {g} equal slices"
+            ls.groups = [grp for grp in ls.groups if grp != unit]
+            continue
+        for i in unit:
+            ls.slices[i] = g
 
 
 def shortcut_groups(graph):
@@ -209,7 +254,9 @@ def get_layer_set(module_defs, mode, in_channels=3):
     """The prunable conv layers for `mode` (0|1|2 or 'normal'|'shortcut'|'tiny'; 'regular' uses normal).
     `in_channels`: the image's channels ([net] channels, `model.in_channels`).
 
-    A prunable conv has BN and none of its channels reach a [yolo] layer (nor a grouped [route]/conv).
+    A prunable conv has BN and none of its channels reach a [yolo] layer (nor a grouped conv, nor a
+    `[route] groups` split of a concatenation). A conv read whole by a `[route] groups=g` split is prunable in
+    g equal slices (`LayerSet.slices`).
       normal:   prunable convs not coupled by a [shortcut] (neither one of its inputs, directly or through
                 [route]/[maxpool]/[upsample] aliases).
       shortcut: all prunable convs; shortcut-coupled ones form groups sharing one mask. A group containing an
@@ -258,6 +305,7 @@ def get_layer_set(module_defs, mode, in_channels=3):
             group = sorted(n for n in members[root] if n >= 0 and defs[n]['type'] == 'convolutional')
             if len(group) > 1:
                 ls.groups.append(group)
+    _add_slices(ls, defs, graph, uf, coupled_by, members)
     return ls
 
 
@@ -325,6 +373,7 @@ class Plan:
                 'percent': self.percent, 'min_keep': self.min_keep, 'round_to': self.round_to,
                 'removed_share': self.removed_share, 'topped_up': self.topped_up,
                 'groups': self.layer_set.groups,
+                'slices': {str(k): v for k, v in sorted(self.layer_set.slices.items())},
                 'excluded': {str(k): v for k, v in sorted(self.layer_set.excluded.items())},
                 'layers': [dataclasses.asdict(r) for r in self.rows()],
                 'keep': {str(i): np.flatnonzero(k).tolist() for i, k in sorted(self.keep.items())}}
@@ -383,6 +432,34 @@ def _round_up(n, total, round_to):
     return min(r, total)
 
 
+def _emptied_message(empty, unit_score, flat, percent, threshold):
+    """One line: which units the cut would empty, and the highest percent / threshold that empties none."""
+    worst = min(float(s.max()) for s in unit_score)
+    safe = math.floor(np.sum(flat < worst) / len(flat) * 1000) / 1000
+    asked = f"percent {percent}" if percent is not None else f"threshold {threshold:g}"
+    names = ', '.join('+'.join(map(str, u)) + f" (max |gamma| {s.max():.3g})" for u, s in empty[:6]) \
+        + (f" and {len(empty) - 6} more" if len(empty) > 6 else '')
+    return (f"{asked} would remove every channel of layer(s) {names}; the highest safe percent is {safe} (or "
+            f"threshold up to {worst:.6g}), or min_keep K to keep the K strongest channels of such layers")
+
+
+def _unit_keep(score, cut, slices, min_keep, round_to):
+    """The keep mask of one unit: `cut` (score >= threshold), with every one of its `slices` equal slices
+    keeping the same count k = the largest count the cut keeps in any slice (each slice topped up with its own
+    highest-score channels: no channel the cut keeps is removed for the constraint's sake); k rounded up per
+    `round_to`; an emptied unit keeps min(min_keep, slice size) per slice."""
+    size = len(score) // slices
+    per = cut.reshape(slices, size)
+    k = int(per.sum(1).max())
+    want = _round_up(k or min(min_keep, size), size, round_to)
+    out = per.copy()
+    for j in range(slices):
+        if per[j].sum() != want:                    # strongest first; ties by channel index
+            out[j] = False
+            out[j, np.argsort(-score[j * size:(j + 1) * size], kind='stable')[:want]] = True
+    return out.reshape(-1)
+
+
 def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep=None, round_to=None):
     """Keep masks for every prunable conv from a global |gamma| threshold.
 
@@ -392,7 +469,8 @@ def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep
     one-line DarkslimError naming the layers and the highest safe percent, unless `min_keep` K is given: then
     such a unit keeps its K highest-|gamma| channels (units keeping at least one channel are left as cut).
     `round_to` ('pow2' or N) rounds each unit's kept count up, filling with the highest-|gamma| channels (never
-    past the layer's size).
+    past the layer's size). A unit split by a `[route] groups` route keeps the same count in every slice
+    (`_unit_keep`); min_keep and round_to then apply per slice.
     """
     if (percent is None) == (threshold is None):
         raise DarkslimError("give exactly one of percent and threshold")
@@ -410,27 +488,16 @@ def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep
         raise DarkslimError(f"threshold {threshold}; expected |gamma| >= 0")
     units = _units(layer_set)
     unit_score = [np.max(np.stack([scores[i] for i in u]), 0) for u in units]   # [filters] per unit
+    unit_slices = [layer_set.slices.get(u[0], 1) for u in units]
     keeps = [s >= threshold for s in unit_score]
     empty = [(u, s) for u, s, k in zip(units, unit_score, keeps) if not k.any()]
     if empty and min_keep is None:
-        worst = min(float(s.max()) for s in unit_score)
-        safe = math.floor(np.sum(flat < worst) / len(flat) * 1000) / 1000
-        asked = f"percent {percent}" if percent is not None else f"threshold {threshold:g}"
-        names = ', '.join('+'.join(map(str, u)) + f" (max |gamma| {s.max():.3g})" for u, s in empty[:6]) \
-            + (f" and {len(empty) - 6} more" if len(empty) > 6 else '')
-        raise DarkslimError(f"{asked} would remove every channel of layer(s) {names}; the highest safe "
-                            f"percent is {safe} (or threshold up to {worst:.6g}), or min_keep K to keep "
-                            "the K strongest channels of such layers")
+        raise DarkslimError(_emptied_message(empty, unit_score, flat, percent, threshold))
     topped = []
     for n, (u, s) in enumerate(zip(units, unit_score)):
-        cut = int(keeps[n].sum())
-        if cut == 0:                                # emptied: only reached with min_keep (see above)
+        if not keeps[n].any():                      # emptied: only reached with min_keep (see above)
             topped += u
-        want = _round_up(cut or min(min_keep, len(s)), len(s), round_to)
-        if want != cut:
-            k = np.zeros(len(s), bool)
-            k[np.argsort(-s, kind='stable')[:want]] = True     # strongest first; ties by channel index
-            keeps[n] = k
+        keeps[n] = _unit_keep(s, keeps[n], unit_slices[n], min_keep, round_to)
     keep = {i: keeps[n].copy() for n, u in enumerate(units) for i in u}
     removed = sum(int((~keep[i]).sum()) for i in layer_set.prunable)
     if removed == 0:

@@ -111,15 +111,13 @@ def test_spp_route_and_upsample_feeders_are_prunable():
     assert spp_conv in ls.prunable and feeders <= set(ls.prunable)
 
 
-def test_yolo_feeders_and_grouped_route_inputs_are_excluded_with_reasons(tmp_path):
-    v4t = [p for p in SHARED_CFGS if p.name == 'yolov4-tiny.cfg']
-    if not v4t:
-        pytest.skip('../shared/darknet-cfg/yolov4-tiny.cfg absent')
-    defs = parse_cfg(v4t[0])[1:]
+def test_yolo_feeders_are_excluded_and_grouped_route_inputs_are_sliced(tmp_path):
+    defs = parse_cfg(REPO / 'cfg' / 'yolov4-tiny.cfg')[1:]
     ls = get_layer_set(defs, 'tiny')
     grouped = {i - 1 for i, d in enumerate(defs) if d['type'] == 'route' and d.get('groups', 1) > 1
                and d['layers'] == [-1]}
-    assert {i for i, why in ls.excluded.items() if '[route] groups' in why} == grouped and grouped
+    assert ls.slices == {i: 2 for i in grouped} and grouped <= set(ls.prunable)
+    assert '2 equal slices ([route] groups split)' in ls.describe()
     # a BN conv feeding a [yolo] directly (no head conv without BN in between)
     text = mini_tiny(nc=2).replace("batch_normalize=0\nfilters=21", "batch_normalize=1\nfilters=21")
     ls = get_layer_set(parse_cfg(write(tmp_path, 't.cfg', text))[1:], 'tiny')
