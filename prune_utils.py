@@ -190,9 +190,14 @@ def _own_exclusions(graph):
         if t == 'shortcut' and d.get('activation', 'linear') not in ZERO_AT_ZERO:
             for n in graph.nodes_read_by(i):
                 add(n, f"[shortcut] {i} activation {d['activation']} (act(0) != 0)")
-    # a shortcut fed by a slice/concatenation cannot share a mask with its inputs channel by channel
+    # a shortcut fed by a slice/concatenation cannot share a mask with its inputs channel by channel; one adding
+    # inputs of unequal widths (yolov3-tiny-prn) adds only their overlap: its inputs are left whole
     for i, d in enumerate(defs):
         if d['type'] == 'shortcut':
+            widths = {graph.channels[j] for j in graph.inputs[i]}
+            if len(widths) > 1:
+                for n in graph.nodes_read_by(i):
+                    add(n, f"[shortcut] {i} adds inputs of unequal widths {sorted(widths)}")
             for j in graph.inputs[i]:
                 if graph.whole_node(j) is None:
                     for n in graph.nodes_read_by(i):
@@ -542,12 +547,15 @@ def channel_flow(model, keep):
             flow.append((torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])))
         elif t == 'shortcut':
             ins = [flow[j] for j in model.inputs[i]]
-            k = ins[0][0]
-            for kj, _ in ins[1:]:
-                if not torch.equal(kj, k):
+            k = ins[0][0]                             # the output has the first input's channels; a narrower or
+            total = ins[0][1].clone()                 # wider input adds to the overlapping channels only
+            for kj, cj in ins[1:]:
+                n = min(len(k), len(kj))
+                if not torch.equal(kj[:n], k[:n]):
                     raise RuntimeError(f"layer {i}: [shortcut] inputs lose different channels (layer-set bug)")
+                total[:n] += cj[:n]
             with torch.no_grad():
-                c = model.module_list[i].act(sum(cj for _, cj in ins))
+                c = model.module_list[i].act(total)
             flow.append((k, torch.where(k, torch.zeros_like(c), c)))
         else:                                         # maxpool, upsample, yolo
             flow.append(prev)

@@ -193,3 +193,17 @@ def test_sparse_training_mode_2_regularizes_the_sliced_convs():
     assert set(ls.slices) <= set(sr.layers) and sr.layers == sorted(ls.prunable)
     feeders = {i - 1 for i, d in enumerate(model.module_defs) if d['type'] == 'route' and d.get('groups', 1) > 1}
     assert feeders == set(ls.slices)
+
+
+def test_unequal_width_shortcut_inputs_stay_whole_and_the_rest_prunes_exactly(tmp_path):
+    """yolov3-tiny-prn's shortcuts add a narrower input onto a wider one (only the overlap is summed): their
+    inputs are excluded with the reason, every other conv prunes with outputs unchanged."""
+    from tests.test_cfg_validation import tiny_prn
+    model = randomize_(Darknet(write(tmp_path, 'prn.cfg', tiny_prn(nc=3))), seed=11).eval()
+    ls = get_layer_set(model.module_defs, 'shortcut')
+    unequal = {i: why for i, why in ls.excluded.items() if 'unequal widths' in why}
+    assert unequal and ls.prunable
+    zero_uneven_(model, ls, seed=12)
+    plan = make_plan(model, ls, 'shortcut', threshold=0.25)
+    x = torch.rand(1, 3, *model.img_size, generator=torch.Generator().manual_seed(13))
+    assert max_diff(raw_outputs(compact_model(model, plan), x), raw_outputs(model, x)) < 1e-4
