@@ -386,6 +386,12 @@ def test_cli_writes_the_pruned_model_atomically_leaving_its_inputs(narrow_v3, tm
     written = load_model(f'{out}.cfg', f'{out}.weights')
     assert max_diff(raw_outputs(written, image(6)), raw_outputs(model, image(6))) < ATOL
     assert max_diff(raw_outputs(load_model(None, f'{out}.pt'), image(6)), raw_outputs(model, image(6))) < ATOL
+    (tmp_path / 'cv').mkdir()
+    assert_matches_opencv(written, f'{out}.cfg', tmp_path / 'cv', H, W)
+    dst = parse_cfg(f'{out}.cfg')
+    theirs = darknet_inputs(f'{out}.cfg', f'{out}.weights', tmp_path)
+    assert theirs is None or theirs == {i: layer_inputs(dst, i) for i, d in enumerate(dst[1:])
+                                        if d['type'] in ('route', 'shortcut')}
 
 
 def test_cli_more_blocks_than_candidates_is_one_line_exit_2_without_output(narrow_v3, tmp_path, capsys):
