@@ -1,11 +1,13 @@
 """The whole network-slimming pipeline on the embedded shapes data (what `make demo` runs).
 
-    python demo.py [--out runs/demo] [--epochs 20] [--ft-epochs 4] [--img-size 192] [--jobs 2]
+    python demo.py [--out runs/demo] [--dense-epochs 12] [--epochs 12] [--ft-epochs 4] [--img-size 192] [--seed 0]
 
 1. generate the shapes dataset (data/make_shapes.py) into OUT/shapes
-2. sparse-train cfg/yolov3-demo.cfg (-sr --prune 1) and cfg/yolov3-tiny-demo.cfg (-sr --prune 2), --s 0.01
-3. prune: normal (--percent 0.6), regular (power of two), regular --round-to 8, shortcut (0.5) on the
-   YOLOv3-style model; tiny (0.5) on the tiny-style model; --min-keep 2 for a layer the cut would empty
+2. train cfg/yolov3-demo.cfg and cfg/yolov3-tiny-demo.cfg normally (--dense-epochs), then sparse-train each
+   from those weights (-sr --prune 1 and -sr --prune 2, --s 0.01), as a user would: train, then sparsify
+3. prune: normal (--percent 0.6), regular (power of two), regular --round-to 8, shortcut (0.5) and layer
+   (remove a quarter of the residual blocks) on the YOLOv3-style model; tiny (0.5) on the tiny-style model;
+   --min-keep 2 for a layer the cut would empty
 4. fine-tune each pruned model briefly (--lr0 0.005)
 5. measure mAP@0.5 and CPU latency once all training stopped; print and save OUT/report.md and OUT/report.json;
    channel charts (OUT/pruned/*-channels.png) and gamma histograms (OUT/sparse*/gamma_hist_epoch*.png) lie
@@ -47,8 +49,10 @@ def get_args_parser():
     p.add_argument('--n-train', type=int, default=800)
     p.add_argument('--n-val', type=int, default=200)
     p.add_argument('--img-size', type=int, default=192)
-    p.add_argument('--epochs', type=int, default=20, help='sparse-training epochs (YOLOv3-style model)')
-    p.add_argument('--tiny-epochs', type=int, default=20, help='sparse-training epochs (tiny-style model)')
+    p.add_argument('--dense-epochs', type=int, default=12,
+                   help='plain training epochs before sparse training (0: sparse-train from scratch)')
+    p.add_argument('--epochs', type=int, default=12, help='sparse-training epochs (YOLOv3-style model)')
+    p.add_argument('--tiny-epochs', type=int, default=12, help='sparse-training epochs (tiny-style model)')
     p.add_argument('--eval-interval', type=int, default=4, help='sparse training: evaluate every N epochs')
     p.add_argument('--ft-epochs', type=int, default=4, help='fine-tuning epochs per pruned model')
     p.add_argument('--batch-size', type=int, default=8)
@@ -200,86 +204,125 @@ def report_tables(report):
     return '\n'.join(lines)
 
 
-def demo(args):
-    t0 = time.perf_counter()
-    if args.jobs < 1:
-        raise DarkslimError(f"--jobs {args.jobs}; expected >= 1")
-    out = os.path.join(REPO, args.out)
-    os.makedirs(out, exist_ok=True)
-    log = []
-    from data.make_shapes import make_shapes
-    shapes = os.path.join(out, 'shapes')
-    data = os.path.join(shapes, 'shapes.data')
-    if not os.path.isfile(data):
-        print(f"generating the shapes dataset into {rel(shapes)}", flush=True)
-        make_shapes(shapes, args.n_train, args.n_val, args.img_size, args.seed)
+def layer_prune_blocks(cfg):
+    """How many residual blocks the demo's layer prune removes: a quarter of the cfg's [shortcut] layers."""
+    from utils.parse_config import parse_cfg
+    return max(1, sum(d['type'] == 'shortcut' for d in parse_cfg(os.path.join(REPO, cfg))) // 4)
 
-    # step graph: sparse training -> prune (evaluates original, loose, compact) -> fine-tune
-    sparse_dirs = {'sparse': (args.cfg, os.path.join(out, 'sparse'), args.epochs, '1'),
-                   'tiny_sparse': (args.tiny_cfg, os.path.join(out, 'tiny-sparse'), args.tiny_epochs, '2')}
-    steps = [Step(key, train_cmd(args, cfg, data, out_dir, epochs, args.lr0,
-                                 ['-sr', '--s', args.s, '--prune', mode, '--eval-interval', args.eval_interval]))
-             for key, (cfg, out_dir, epochs, mode) in sparse_dirs.items()]
-    prefixes, ft_dirs = {}, {}
-    for name, script, extra, src in STRATEGIES:
-        cfg, out_dir, _, _ = sparse_dirs[src]
-        prefixes[name] = prefix = os.path.join(out, 'pruned', name)
-        ft_dirs[name] = ft_dir = os.path.join(out, 'finetune', name)
-        percent = args.tiny_percent if name == 'tiny' else args.normal_percent if name == 'normal' else args.percent
-        steps.append(Step(f"prune-{name}", [script, '--cfg', cfg, '--weights', os.path.join(out_dir, 'best.pt'),
-                                            '--data', data, '--percent', percent, '--min-keep', args.min_keep,
-                                            '--img-size', args.img_size, '--latency-runs', 0, '--out', prefix]
-                          + extra, after=[src]))
-    for name in prefixes:
-        steps.append(Step(f"finetune-{name}", train_cmd(args, prefixes[name] + '.cfg', data, ft_dirs[name],
-                                                        args.ft_epochs, args.ft_lr0,
-                                                        ['--weights', prefixes[name] + '.weights']),
+
+def training_steps(args, data, out):
+    """Dense training (when --dense-epochs > 0), then sparse training from its last weights, for both models;
+    returns (steps, {report key: (cfg, sparse out dir, sparse epochs)})."""
+    plan = {'sparse': (args.cfg, 'sparse', args.epochs, '1'), 'tiny_sparse': (args.tiny_cfg, 'tiny-sparse',
+                                                                             args.tiny_epochs, '2')}
+    steps, dirs = [], {}
+    for key, (cfg, name, epochs, mode) in plan.items():
+        sparse_dir = os.path.join(out, name)
+        dirs[key] = (cfg, sparse_dir, epochs)
+        extra, after = ['-sr', '--s', args.s, '--prune', mode, '--eval-interval', args.eval_interval], []
+        if args.dense_epochs > 0:
+            dense_dir = os.path.join(out, name.replace('sparse', 'dense'))
+            steps.append(Step(f"{key}-dense", train_cmd(args, cfg, data, dense_dir, args.dense_epochs, args.lr0,
+                                                        ['--notest'])))
+            extra += ['--weights', os.path.join(dense_dir, 'last.pt')]
+            after = [f"{key}-dense"]
+        steps.append(Step(key, train_cmd(args, cfg, data, sparse_dir, epochs, args.lr0, extra), after=after))
+    return steps, dirs
+
+
+def prune_steps(args, data, out, sparse_dirs):
+    """A prune step and a fine-tuning step per strategy; returns (steps, {name: (prefix, fine-tune dir)})."""
+    steps, outputs = [], {}
+    strategies = STRATEGIES + [('layer', 'layer_prune.py', ['--shortcuts', layer_prune_blocks(args.cfg)], 'sparse')]
+    for name, script, extra, src in strategies:
+        cfg, out_dir, _ = sparse_dirs[src]
+        prefix = os.path.join(out, 'pruned', name)
+        ft_dir = os.path.join(out, 'finetune', name)
+        outputs[name] = (prefix, ft_dir)
+        cmd = [script, '--cfg', cfg, '--weights', os.path.join(out_dir, 'best.pt'), '--data', data,
+               '--img-size', args.img_size, '--latency-runs', 0, '--out', prefix] + extra
+        if name != 'layer':
+            percent = {'tiny': args.tiny_percent, 'normal': args.normal_percent}.get(name, args.percent)
+            cmd += ['--percent', percent, '--min-keep', args.min_keep]
+        steps.append(Step(f"prune-{name}", cmd, after=[src]))
+        steps.append(Step(f"finetune-{name}", train_cmd(args, prefix + '.cfg', data, ft_dir, args.ft_epochs,
+                                                        args.ft_lr0, ['--weights', prefix + '.weights']),
                           after=[f"prune-{name}"]))
-    print(f"running {len(steps)} steps, {args.jobs} at a time; each step's output is prefixed with its name and "
-          f"kept in {rel(os.path.join(out, 'logs'))}/", flush=True)
-    run_steps(steps, args.jobs, os.path.join(out, 'logs'), log)
+    return steps, outputs
 
-    # measured after all training stopped: mAP of the sparse and fine-tuned models, latency on a quiet machine
+
+def measure_all(args, data, sparse_dirs, outputs):
+    """mAP of the sparse and fine-tuned models, then their latency together (after all training stopped, so
+    that no training competes with the timing)."""
     print("\nmeasuring mAP@0.5 and CPU latency of the sparse and fine-tuned models", flush=True)
     report = {'data': rel(data), 'pruned': {}}
-    models = {}
-    for key, (cfg, out_dir, _, _) in sparse_dirs.items():
-        models[key], report[key] = describe(os.path.join(REPO, cfg), os.path.join(out_dir, 'best.pt'), data,
-                                            args.img_size)
-    for name in prefixes:
-        prefix = prefixes[name]
+    nets = {}
+    for key, (cfg, out_dir, _) in sparse_dirs.items():
+        nets[key], report[key] = describe(os.path.join(REPO, cfg), os.path.join(out_dir, 'best.pt'), data,
+                                          args.img_size)
+    for name, (prefix, ft_dir) in outputs.items():
         with open(prefix + '.json') as f:
             pr = json.load(f)
-        models[name], tuned = describe(prefix + '.cfg', os.path.join(ft_dirs[name], 'best.weights'), data,
-                                       args.img_size)
+        nets[name], tuned = describe(prefix + '.cfg', os.path.join(ft_dir, 'best.weights'), data, args.img_size)
         report['pruned'][name] = {'cfg': rel(prefix + '.cfg'), 'weights': tuned['weights'],
                                   'pruned_weights': rel(prefix + '.weights'), 'params': tuned['params'],
-                                  'bflops': tuned['bflops'], 'percent': pr['plan']['percent'],
+                                  'bflops': tuned['bflops'], 'percent': pr['plan'].get('percent'),
                                   'map50_pruned': round(pr['map']['compact']['mAP50'], 4),
                                   'map50_finetuned': tuned['map50'], 'channels_png': rel(prefix + '-channels.png')}
+        if name == 'layer':
+            report['pruned'][name]['removed_blocks'] = [b['shortcut'] for b in pr['plan']['removed']]
     print(f"timing batch-1 CPU latency ({args.latency_runs} passes per model, one thread)", flush=True)
-    for key, ms in zip(models, measure_latency(list(models.values()), args.img_size, args.latency_runs)):
+    for key, ms in zip(nets, measure_latency(list(nets.values()), args.img_size, args.latency_runs)):
         (report[key] if key in sparse_dirs else report['pruned'][key])['latency_ms'] = ms
+    return report
 
-    report['seconds'] = round(time.perf_counter() - t0, 1)
-    report['steps'] = log
-    table = report_tables(report)
+
+def write_report(args, out, report, sparse_dirs):
+    """OUT/report.md and OUT/report.json, with the last epoch's gamma histograms copied beside them."""
     from utils.io import write_bytes_atomic, write_text_atomic
-    for key, (_, out_dir, epochs, _) in sparse_dirs.items():  # the last epoch's gamma histogram, beside the report
+    table = report_tables(report)
+    for key, (_, out_dir, epochs) in sparse_dirs.items():
         with open(os.path.join(out_dir, f"gamma_hist_epoch{epochs - 1}.png"), 'rb') as f:
             report[key]['gamma_hist_png'] = rel(os.path.join(out, f"{key}-gamma-hist.png"))
             write_bytes_atomic(os.path.join(REPO, report[key]['gamma_hist_png']), f.read())
     charts = ', '.join(f"`{m['channels_png']}`" for m in report['pruned'].values())
+    dense = f"dense training {args.dense_epochs} epochs, then " if args.dense_epochs > 0 else ''
     md = (f"# darkslim demo report\n\nData: `{report['data']}` (val split), input {args.img_size}x{args.img_size}, "
-          f"sparse training {args.epochs} (tiny {args.tiny_epochs}) epochs at --s {args.s:g}, fine-tuning "
-          f"{args.ft_epochs} epochs; CPU latency at batch 1 (fused, 1 thread, median of {args.latency_runs}). "
-          f"Total time {report['seconds']:.0f} s.\n\n{table}\n\n"
+          f"seed {args.seed}, {dense}sparse training {args.epochs} (tiny {args.tiny_epochs}) epochs at --s "
+          f"{args.s:g}, fine-tuning {args.ft_epochs} epochs; CPU latency at batch 1 (fused, 1 thread, median of "
+          f"{args.latency_runs}). Total time {report['seconds']:.0f} s.\n\n{table}\n\n"
           f"Gamma histograms after sparse training: `{report['sparse']['gamma_hist_png']}`, "
           f"`{report['tiny_sparse']['gamma_hist_png']}`. Per-layer channel charts: {charts}.\n")
     write_text_atomic(os.path.join(out, 'report.md'), md)
     write_text_atomic(os.path.join(out, 'report.json'), json.dumps(report, indent=1) + '\n')
     print('\n' + table)
     print(f"\nwrote {rel(os.path.join(out, 'report.md'))} and report.json in {report['seconds']:.0f} s")
+
+
+def demo(args):
+    """The whole pipeline (see the module docstring); returns the report dict."""
+    t0 = time.perf_counter()
+    if args.jobs < 1:
+        raise DarkslimError(f"--jobs {args.jobs}; expected >= 1")
+    out = os.path.join(REPO, args.out)
+    os.makedirs(out, exist_ok=True)
+    from data.make_shapes import make_shapes
+    shapes = os.path.join(out, 'shapes')
+    data = os.path.join(shapes, 'shapes.data')
+    if not os.path.isfile(data):
+        print(f"generating the shapes dataset into {rel(shapes)}", flush=True)
+        make_shapes(shapes, args.n_train, args.n_val, args.img_size, args.seed)
+    steps, sparse_dirs = training_steps(args, data, out)
+    more, outputs = prune_steps(args, data, out, sparse_dirs)
+    steps += more
+    print(f"running {len(steps)} steps, {args.jobs} at a time; each step's output is prefixed with its name and "
+          f"kept in {rel(os.path.join(out, 'logs'))}/", flush=True)
+    log = []
+    run_steps(steps, args.jobs, os.path.join(out, 'logs'), log)
+    report = measure_all(args, data, sparse_dirs, outputs)
+    report['seconds'] = round(time.perf_counter() - t0, 1)
+    report['steps'] = log
+    write_report(args, out, report, sparse_dirs)
     return report
 
 

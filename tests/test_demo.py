@@ -50,11 +50,12 @@ def test_a_step_waiting_on_an_unknown_step_is_an_error(tmp_path):
 def test_toy_pipeline_report_agrees_with_the_files_it_names(tmp_path):
     out = tmp_path / 'demo'
     args = demo.get_args_parser().parse_args(
-        ['--out', str(out), '--n-train', '8', '--n-val', '4', '--img-size', '64', '--epochs', '1',
+        ['--out', str(out), '--n-train', '8', '--n-val', '4', '--img-size', '64', '--dense-epochs', '1', '--epochs', '1',
          '--tiny-epochs', '1', '--ft-epochs', '1', '--eval-interval', '1', '--latency-runs', '1', '--jobs', '2'])
     report = demo.demo(args)
     on_disk = json.loads((out / 'report.json').read_text())
-    assert on_disk['pruned'].keys() == {'normal', 'regular', 'regular8', 'shortcut', 'tiny'}
+    assert on_disk['pruned'].keys() == {'normal', 'regular', 'regular8', 'shortcut', 'tiny', 'layer'}
+    assert len(on_disk['pruned']['layer']['removed_blocks']) == demo.layer_prune_blocks(args.cfg)
     for key in ('sparse', 'tiny_sparse'):
         assert {'cfg', 'weights', 'params', 'bflops', 'map50', 'latency_ms'} <= on_disk[key].keys()
         assert (REPO / on_disk[key]['gamma_hist_png']).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
