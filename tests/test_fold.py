@@ -5,10 +5,9 @@ the out-of-image taps on the border), and a chain of shortcuts carrying every me
 A BN channel with gamma = 0 outputs act(beta) everywhere. Removing it and folding W.sum(kh, kw) @ act(beta)
 into the consumer's BN mean is exact for a 1x1 consumer; for a k x k consumer with zero padding the original
 saw 0, not the constant, at out-of-image taps, so the compact model differs there by exactly those taps' sum.
-Each test is run a second time with the fold broken on purpose (monkeypatched) to show that it would notice.
+Each check has a twin that runs it with the fold broken on purpose (monkeypatched), to show that it bites.
 """
 import numpy as np
-import pytest
 import torch
 
 import prune_utils
