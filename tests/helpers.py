@@ -124,3 +124,37 @@ def cocoeval(gt, dets):
     per_class = {c: (prec[0, :, k].mean(), prec[:, :, k].mean())
                  for k, c in enumerate(ev.params.catIds) if (prec[:, :, k] > -1).all()}
     return prec[0][prec[0] > -1].mean(), prec[prec > -1].mean(), per_class
+
+
+def counted_cost(model, height, width):
+    """(trainable params, BFLOPs) of `model` counted from its own tensors, not from the cfg: params = the sum of
+    its parameters' numel; BFLOPs from the shapes a forward at height x width actually produces, totalled as
+    AlexeyAB darknet does: conv 2 * out_c * (in_c / groups) * kh * kw * out_h * out_w, maxpool
+    size * size * c * out_h * out_w, shortcut out_c * out_h * out_w * (inputs - 1)."""
+    from models import MaxPoolDarknet, Shortcut
+    flops = []
+
+    def conv_hook(m, inputs, out):
+        flops.append(2 * m.out_channels * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+                     * out.shape[2] * out.shape[3])
+
+    def pool_hook(m, inputs, out):
+        flops.append(m.size * m.size * out.shape[1] * out.shape[2] * out.shape[3])
+
+    def shortcut_hook(m, inputs, out):
+        flops.append(out[0].numel() * (len(inputs[0]) - 1))
+
+    hooks = []
+    for m in model.modules():
+        hook = {torch.nn.Conv2d: conv_hook, MaxPoolDarknet: pool_hook, Shortcut: shortcut_hook}.get(type(m))
+        if hook:
+            hooks.append(m.register_forward_hook(hook))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, model.in_channels, height, width))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return sum(p.numel() for p in model.parameters()), sum(flops) / 1e9

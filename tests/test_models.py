@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from models import Darknet, load_model, make_cfg, model_info, save_checkpoint
-from tests.helpers import (OUR_CFGS, REPO, SHARED_CFGS, mini_tiny, mini_yolov3, need_shared, randomize_,
-                           write)
+from tests.helpers import (ANCHORS6, OUR_CFGS, REPO, SHARED_CFGS, conv, counted_cost, mini_tiny, mini_yolov3,
+                           need_shared, randomize_, write, yolo)
 from utils.darknet_weights import load_darknet_weights, save_weights
 from utils.errors import DarkslimError
 from utils.parse_config import cfg_text, parse_cfg, write_cfg
@@ -203,6 +203,22 @@ def test_bflops_of_reference_cfgs_equal_darknets_figures():
 def test_params_equal_pytorchs_count(tmp_path):
     p = write(tmp_path, 'm.cfg', mini_yolov3(nc=3))
     assert model_info(parse_cfg(p))[0] == sum(t.numel() for t in Darknet(p).parameters())
+
+
+def test_params_and_bflops_of_a_tiny_cfg_by_hand(tmp_path):
+    # 16x16x3 -> conv 3x3 4 -> maxpool 2/2 -> conv 1x1 8 -> conv 1x1 4 -> shortcut (maxpool + conv) -> head -> yolo
+    text = ("[net]\nwidth=16\nheight=16\nchannels=3\n" + conv(4, 3) + "[maxpool]\nsize=2\nstride=2\n"
+            + conv(8, 1) + conv(4, 1) + "[shortcut]\nfrom=-3\nactivation=linear\n"
+            + conv(18, 1, bn=0, act='linear') + yolo([0, 1, 2], ANCHORS6, 1))
+    p = write(tmp_path, 'hand.cfg', text)
+    params = (4 * 3 * 9 + 2 * 4) + (8 * 4 + 2 * 8) + (4 * 8 + 2 * 4) + (18 * 4 + 18)          # weights + BN / bias
+    flops = (2 * 4 * 3 * 9 * 16 * 16          # conv 3x3, 16x16 output
+             + 2 * 2 * 4 * 8 * 8              # maxpool: size^2 * c * 8x8 output
+             + 2 * 8 * 4 * 8 * 8 + 2 * 4 * 8 * 8 * 8   # the two 1x1 convs
+             + 4 * 8 * 8                      # shortcut: one addition per output value
+             + 2 * 18 * 4 * 8 * 8)            # head
+    assert model_info(parse_cfg(p)) == (params, pytest.approx(flops / 1e9, rel=1e-12))
+    assert counted_cost(Darknet(p), 16, 16) == (params, pytest.approx(flops / 1e9, rel=1e-12))
 
 
 # --- .weights -------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Network slimming (prune_utils.py + the four prune scripts), specified by equalities of two routes:
 pruned-vs-original outputs where the maths says they must agree, written files vs OpenCV's Darknet importer,
 masks vs the |gamma| rule recomputed here, and the CLIs' one-line errors."""
+import copy
 import hashlib
 import json
 import math
@@ -17,8 +18,8 @@ import torch
 from models import Darknet, load_model, model_info, save_checkpoint
 from prune_cli import resolve_inputs
 from prune_utils import compact_model, get_layer_set, loose_model, make_plan, threshold_for_percent
-from tests.helpers import (ANCHORS6, OUR_CFGS, REPO, SHARED_CFGS, conv, mini_tiny, mini_yolov3, randomize_, write,
-                           yolo)
+from tests.helpers import (ANCHORS6, OUR_CFGS, REPO, SHARED_CFGS, conv, counted_cost, mini_tiny, mini_yolov3,
+                           randomize_, write, yolo)
 from tests.prune_helpers import max_diff, narrow_defs, one_by_one_cfg, raw_outputs, sparsify_
 from tests.test_models import assert_matches_opencv
 from utils.darknet_weights import save_weights
@@ -180,6 +181,19 @@ def test_compact_equals_loose_for_any_gamma_and_beta(cfg, mode, round_to, tmp_pa
     assert plan.removed_share > 0.1
     x = image(4)
     assert max_diff(raw_outputs(compact, x), raw_outputs(loose, x)) < ATOL
+    # compact copies loose's weights, so the line above checks the slicing against the library's own loose model;
+    # against a network built here: with the removed channels' beta at 0 nothing is folded, and the compact model
+    # must equal the original with those channels' gamma and beta zeroed (route offsets, groups, borders and all)
+    with torch.no_grad():
+        for i, k in plan.keep.items():
+            model.module_list[i][1].bias[~torch.as_tensor(k)] = 0
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for i, k in plan.keep.items():
+            zeroed.module_list[i][1].weight[~torch.as_tensor(k)] = 0
+    ref = raw_outputs(zeroed, x)
+    assert max_diff(raw_outputs(model, x), ref) > 1e-2          # the removed channels carried signal
+    assert max_diff(raw_outputs(compact_model(model, plan), x), ref) < ATOL
 
 
 # --- invariant 3: the fold is exact for 1x1 consumers ---------------------------------------------------------------
@@ -361,8 +375,11 @@ def test_cli_writes_a_model_darknet_and_opencv_load(script, extra, narrow_v3, tm
         assert {k: v for k, v in a.items() if k != 'filters'} == {k: v for k, v in b.items() if k != 'filters'}
     report = json.loads(Path(f'{out}.json').read_text())
     assert report['after']['weights_bytes'] == Path(f'{out}.weights').stat().st_size
-    assert (report['after']['params'], report['after']['bflops']) == pytest.approx(model_info(dst))
-    assert report['before']['params'] == model_info(src)[0] and report['map'] is None
+    # params and BFLOPs counted from the tensors of the models themselves (the report uses the cfg's layer table)
+    assert report['img_size'] == [H, W]
+    assert (report['after']['params'], report['after']['bflops']) == pytest.approx(counted_cost(written, H, W))
+    assert (report['before']['params'], report['before']['bflops']) == pytest.approx(counted_cost(model, H, W))
+    assert report['map'] is None
     rows = {r['layer']: r for r in report['plan']['layers']}
     assert all(rows[i]['after'] == dst[i + 1]['filters'] for i in rows)
     png = cv2.imread(f'{out}-channels.png')
