@@ -14,7 +14,6 @@ block-pruned network (PREFIX.json 'plan' -> 'layer_map' maps the original's to t
 Writes PREFIX.cfg, PREFIX.weights, PREFIX.pt, PREFIX.json and PREFIX-channels.png; see prune_layers.py.
 """
 import argparse
-import dataclasses
 import os
 import time
 
@@ -64,14 +63,9 @@ def default_prefix(args):
 
 
 def resolve_inputs(args):
-    """prune_cli.resolve_inputs (weights default, inputs exist, device, outputs never overwrite inputs) for a
-    layer prune: the prefix is ours, and without --percent/--threshold there is no channel prune (where the
-    channel scripts would fill in a default percent)."""
-    ns = argparse.Namespace(**vars(args))
-    ns.out = args.out or default_prefix(args)
-    if args.percent is None and args.threshold is None:
-        ns.threshold = 0.0                            # a placeholder that only stops the default percent
-    return dataclasses.replace(prune_cli.resolve_inputs(ns, STRATEGY), percent=args.percent)
+    """prune_cli.resolve_inputs (weights default, inputs exist, device, outputs never overwrite inputs) with the
+    layer prune's prefix; without --percent/--threshold there is no channel prune."""
+    return prune_cli.resolve_inputs(args, STRATEGY, prefix=default_prefix(args))
 
 
 def as_flags(error, source):

@@ -49,7 +49,9 @@ def add_prune_args(p, strategy):
 
 
 def default_percent(strategy):
-    return 0.3 if strategy == 'tiny' else 0.5
+    """The share of channels removed without --percent/--threshold (none for a layer prune: it removes blocks,
+    and thins channels only when asked)."""
+    return {'tiny': 0.3, 'layer': None}.get(strategy, 0.5)
 
 
 def round_to_of(args, strategy):
@@ -76,9 +78,10 @@ def _default_prefix(args, strategy, weights, percent):
     return os.path.join('weights', f"{stem}-{strategy}-{value}{rounding}")
 
 
-def resolve_inputs(args, strategy):
+def resolve_inputs(args, strategy, prefix=None):
     """PruneInputs: with no --weights, train.py's weights/last.pt; with neither --percent nor --threshold, the
-    strategy's default percent; with no --out, a prefix under weights/. Outputs may never overwrite inputs."""
+    strategy's default percent; the output prefix is --out, else `prefix`, else one under weights/. Outputs
+    may never overwrite inputs."""
     weights = args.weights
     if weights is None:
         if not os.path.isfile(DEFAULT_WEIGHTS):
@@ -93,7 +96,7 @@ def resolve_inputs(args, strategy):
     percent = args.percent
     if percent is None and args.threshold is None:
         percent = default_percent(strategy)
-    prefix = args.out or _default_prefix(args, strategy, weights, percent)
+    prefix = args.out or prefix or _default_prefix(args, strategy, weights, percent)
     for ext in prune_utils.OUTPUT_EXTS:
         for src in (args.cfg, weights):
             if src is not None and os.path.abspath(prefix + ext) == os.path.abspath(src):
