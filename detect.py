@@ -60,7 +60,8 @@ def _resolve_names(names, data, model_nc, model_name):
     if data is not None:
         if names is not None:
             raise DarkslimError("both --names and --data given; expected one of them")
-        names = check_classes(parse_data_cfg(data), model_nc, os.fspath(data), f"the model ({model_name})")
+        names = check_classes(parse_data_cfg(data, need=('classes', 'names')), model_nc, os.fspath(data),
+                              f"the model ({model_name})")
     elif isinstance(names, (str, os.PathLike)):
         path = os.fspath(names)
         names = load_names(path)

@@ -2,12 +2,24 @@
 
     python test.py --cfg C --weights W --data D [--img-size S] [--batch-size 16] [--conf-thres 0.001]
                    [--iou-thres 0.6] [--max-det 300] [--device cpu] [--save-json F] [--report R] [--workers N]
-                   [--augment]
+                   [--square] [--half] [--augment] [--skip-bad-labels]
 
 --cfg may be left out when W is a .pt checkpoint that stores its cfg; --img-size defaults to the cfg's input size
-(the larger of [net] width and height). Predictions and labels are compared in original image pixels, the frame
-of the --save-json COCO detections, so the numbers equal pycocotools' COCOeval on that JSON. The evaluation
-itself is utils/evaluate.py.
+(the larger of [net] width and height). The .data file needs only classes= and valid= (names= for the table).
+
+Images are batched by aspect ratio and each batch is letterboxed to the smallest multiple-of-32 rectangle that
+holds its images resized to long side --img-size (fewer padded pixels, so faster; --square letterboxes every
+image to an --img-size square instead). The model is evaluated with its BatchNorm folded into the convolutions,
+DataLoader workers (default min(cores - 1, batch size, 4)) load the next batches during the forward pass, and
+--half runs the forward pass in fp16 (CUDA only). Predictions and labels are compared in original image pixels,
+the frame of the --save-json COCO detections, so the numbers equal pycocotools' COCOeval on that JSON.
+
+--save-json writes COCO results ({image_id, category_id, bbox [x, y, w, h] in original pixels, score, and
+file_name}) that score against official COCO annotations: image_id is the image's file stem as a number when
+every stem is a number (COCO's 000000000139.jpg -> 139), else its 0-based index in the valid list; category_id
+is COCO's own id (1..90 with gaps, the standard 80-to-91 table) when the .data names= are COCO's 80 classes in
+COCO order (official or darknet spelling), else the class index 0..nc-1. The evaluation itself is
+utils/evaluate.py.
 """
 import argparse
 
@@ -23,7 +35,7 @@ def get_args_parser():
     p.add_argument('--weights', required=True, help='.weights (darknet) or .pt (darkslim checkpoint)')
     p.add_argument('--data', required=True, help='.data file; its valid= images are evaluated')
     p.add_argument('--img-size', type=int, default=None,
-                   help="letterboxed input size (multiple of 32); default: the cfg's max(width, height)")
+                   help="letterbox long side (multiple of 32); default: the cfg's max(width, height)")
     p.add_argument('--batch-size', type=int, default=16)
     p.add_argument('--conf-thres', type=float, default=0.001)
     p.add_argument('--iou-thres', type=float, default=0.6, help='NMS IoU threshold')
@@ -31,22 +43,33 @@ def get_args_parser():
     p.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N')
     p.add_argument('--save-json', default=None, help='write COCO-format detections here')
     p.add_argument('--report', default=None, help='write the metrics as JSON here')
-    p.add_argument('--workers', type=int, default=0, help='DataLoader worker processes')
+    p.add_argument('--workers', type=int, default=None,
+                   help='DataLoader worker processes (default min(cores - 1, batch size, 4); 0 = none)')
+    p.add_argument('--square', action='store_true',
+                   help='letterbox every image to an img-size square (default: rectangular batches)')
+    p.add_argument('--half', action='store_true', help='fp16 forward pass (CUDA devices only)')
     p.add_argument('--augment', action='store_true', help='test-time augmentation: add a left-right flip pass')
+    p.add_argument('--skip-bad-labels', action='store_true',
+                   help='drop (and count) bad label rows instead of stopping at the first one')
     return p
 
 
 def main(args):
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         raise DarkslimError(f"--workers {args.workers}; expected >= 0")
     if args.max_det < 1:
         raise DarkslimError(f"--max-det {args.max_det}; expected a positive integer")
     if args.batch_size < 1:
         raise DarkslimError(f"--batch-size {args.batch_size}; expected a positive integer")
-    model = load_model(args.cfg, args.weights, device=select_device(args.device), img_size=args.img_size)
+    device = select_device(args.device)
+    if args.half and device.type != 'cuda':
+        raise DarkslimError(f"--half on device {device}; expected a CUDA device (--device cuda)")
+    model = load_model(args.cfg, args.weights, device=device, img_size=args.img_size)
+    model.fuse()  # BatchNorm folded into the convolutions: the same function, fewer operations
     return evaluate(model, args.data, img_size=args.img_size, batch_size=args.batch_size,
                     conf_thres=args.conf_thres, iou_thres=args.iou_thres, max_det=args.max_det,
-                    save_json=args.save_json, report=args.report, workers=args.workers, augment=args.augment)
+                    save_json=args.save_json, report=args.report, workers=args.workers, augment=args.augment,
+                    rect=not args.square, half=args.half, skip_bad_labels=args.skip_bad_labels)
 
 
 if __name__ == '__main__':

@@ -287,7 +287,8 @@ def _restore_optim(run, ckpt):
 
 
 def _loaders(cfg, data, img_size, batch, data_hyp, nc, rank, world, device):
-    """(train loader, its sampler or None, its generator, validation loader or None)."""
+    """(train loader, its sampler or None, its generator, validation loader or None). The validation loader
+    uses rectangular batches, as test.py does by default; skip_bad_labels applies to both splits."""
     train_set = LoadImagesAndLabels(data['train'], img_size, batch, augment=True, hyp=data_hyp, cache=cfg.cache,
                                     mosaic=cfg.mosaic, nc=nc, skip_bad_labels=cfg.skip_bad_labels)
     gen = torch.Generator()
@@ -297,8 +298,10 @@ def _loaders(cfg, data, img_size, batch, data_hyp, nc, rank, world, device):
                         pin_memory=device.type == 'cuda', generator=gen, drop_last=False)
     val_loader = None
     if rank == 0 and not cfg.notest:
-        val_set = LoadImagesAndLabels(data['valid'], img_size, batch, augment=False, cache=cfg.cache, nc=nc)
-        val_loader = DataLoader(val_set, batch_size=batch, shuffle=False, num_workers=cfg.workers,
+        from utils.datasets import RectBatchSampler
+        val_set = LoadImagesAndLabels(data['valid'], img_size, batch, augment=False, cache=cfg.cache, nc=nc,
+                                      skip_bad_labels=cfg.skip_bad_labels, rect=True)
+        val_loader = DataLoader(val_set, batch_sampler=RectBatchSampler(val_set), num_workers=cfg.workers,
                                 collate_fn=LoadImagesAndLabels.collate_fn)
     return loader, sampler, gen, val_loader
 

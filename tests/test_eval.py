@@ -178,7 +178,7 @@ def _run(script, *args):
 def test_metrics_agree_with_cocoeval_on_saved_json(shapes, oracle, tmp_path):
     data, files, labels, sizes = shapes
     json_path = tmp_path / 'dets.json'
-    res = evaluate(oracle, data, img_size=S, batch_size=4, save_json=json_path, verbose=False)
+    res = evaluate(oracle, data, img_size=S, batch_size=4, save_json=json_path, verbose=False, rect=False)
     map50, map5095, per_class = cocoeval(coco_gt_from_labels(files, labels, sizes, NC), json_path)
     assert 0.2 < res['mAP50'] < 0.95 and 0.05 < res['mAP50_95'] < res['mAP50']  # meaningful, not trivial
     assert res['mAP50'] == pytest.approx(map50, abs=0.01)
@@ -193,12 +193,12 @@ def test_metrics_agree_with_cocoeval_on_saved_json(shapes, oracle, tmp_path):
 def test_save_json_is_coco_results_in_original_pixels(shapes, oracle, tmp_path):
     data, files, labels, sizes = shapes
     json_path = tmp_path / 'dets.json'
-    evaluate(oracle, data, img_size=S, batch_size=3, save_json=json_path, verbose=False)
+    evaluate(oracle, data, img_size=S, batch_size=3, save_json=json_path, verbose=False, rect=False)
     dets = json.loads(json_path.read_text())
     assert dets and all(set(d) == {'image_id', 'file_name', 'category_id', 'bbox', 'score'} for d in dets)
     assert {d['image_id'] for d in dets} <= set(range(N_VAL))
     for d in dets:
-        assert d['file_name'] == files[d['image_id']]  # image_id = index in the valid list
+        assert d['file_name'] == files[d['image_id']]  # image_id = numeric stem (make_shapes: 000000..) = index
         assert isinstance(d['category_id'], int) and 0 <= d['category_id'] < NC and 0 < d['score'] <= 1
         h0, w0 = sizes[d['image_id']]
         x, y, w, h = d['bbox']
@@ -226,9 +226,10 @@ def test_flip_augment_merges_mirrored_pass(shapes, oracle, tmp_path):
     """A mirror-equivariant detector sees the same boxes twice; mapped back, NMS removes the copies, so the
     result equals the plain run (boxes left at mirrored places would add false positives)."""
     data = shapes[0]
-    plain = evaluate(oracle, data, img_size=S, batch_size=5, save_json=tmp_path / 'a.json', verbose=False)
+    plain = evaluate(oracle, data, img_size=S, batch_size=5, save_json=tmp_path / 'a.json', verbose=False,
+                     rect=False)
     tta = evaluate(oracle, data, img_size=S, batch_size=5, save_json=tmp_path / 'b.json', verbose=False,
-                          augment=True)
+                   augment=True, rect=False)
     a, b = json.loads((tmp_path / 'a.json').read_text()), json.loads((tmp_path / 'b.json').read_text())
     assert len(a) == len(b)
     for da, db in zip(a, b):
@@ -256,13 +257,13 @@ def test_cfg_route_equals_model_route_and_restores_mode(shapes, tiny_pt):
 def test_img_size_defaults_to_the_models_input_size(shapes, oracle, tmp_path):
     """The oracle recognises only S x S inputs (it fails on any other); its img_size (h, w) is (S - 32, S)."""
     data = shapes[0]
-    by_default = evaluate(oracle, data, batch_size=5, verbose=False)
-    assert by_default == {**evaluate(oracle, data, img_size=S, batch_size=5, verbose=False),
+    by_default = evaluate(oracle, data, batch_size=5, verbose=False, rect=False)
+    assert by_default == {**evaluate(oracle, data, img_size=S, batch_size=5, verbose=False, rect=False),
                           **{k: by_default[k] for k in ('seconds', 'inference_seconds', 'nms_seconds')}}
     assert by_default['mAP50'] > 0.2
     bare = OracleDetector(oracle.bank, oracle.rows, NC)  # no img_size attribute: the size must be given
     with pytest.raises(DarkslimError, match='input size'):
-        evaluate(bare, data, verbose=False)
+        evaluate(bare, data, verbose=False, rect=False)
 
 
 def test_ground_truth_hanging_over_the_edge_is_not_clipped(tmp_path):
@@ -285,7 +286,7 @@ def test_ground_truth_hanging_over_the_edge_is_not_clipped(tmp_path):
     row = np.array([[(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1, 0.9, 0.0, 1.0]], np.float32)
     json_path = tmp_path / 'dets.json'
     res = evaluate(OracleDetector(_bank([path], s), [row], 2), data, img_size=s, save_json=json_path,
-                          verbose=False)
+                   verbose=False, rect=False)
     map50, map5095, _ = cocoeval(coco_gt_from_labels([path], [lab], [(64, 96)], 2), json_path)
     assert res['mAP50'] == pytest.approx(1.0) and res['mAP50_95'] == pytest.approx(0.4)
     assert (map50, map5095) == (pytest.approx(1.0), pytest.approx(0.4))

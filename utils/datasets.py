@@ -14,11 +14,12 @@ import numbers
 import os
 import re
 import struct
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from utils.boxes import xywhn2xyxy, xyxy2xywhn
 from utils.errors import DarkslimError
@@ -71,12 +72,13 @@ class DataConfig(dict):
         self.path, self.lines = path, lines
 
 
-def parse_data_cfg(path):
+def parse_data_cfg(path, need=DATA_REQUIRED_KEYS):
     """Parse a Darknet `.data` file into a DataConfig (a dict; `.lines[key]` = line of each key).
 
     `classes` becomes an int; `train`, `valid`, `test`, `names`, `backup` become absolute paths (relative ones
     resolve against the .data file's folder, not the cwd); any other key is kept as a stripped string.
-    Full-line `#`/`;` comments and ` # ...` trailing comments are ignored.
+    Full-line `#`/`;` comments and ` # ...` trailing comments are ignored. `need`: the keys the caller uses (a
+    missing one is an error naming the file); evaluation needs only classes and valid, training also train.
     """
     path = os.fspath(path)
     lines = _read_lines(path, "a Darknet .data file (classes=, train=, valid=, names=)")
@@ -105,10 +107,11 @@ def parse_data_cfg(path):
         elif key in DATA_PATH_KEYS:
             value = _resolve(value, folder)
         out[key], first_line[key] = value, n
-    for key in DATA_REQUIRED_KEYS:
+    for key in need:
         if key not in out:
+            optional = '' if 'names' in need else ' (names optional)'
             raise DarkslimError(f"{path}:{len(lines) + 1}: end of file without a {key!r} line; "
-                                f"expected keys {', '.join(DATA_REQUIRED_KEYS)} (names optional)")
+                                f"expected keys {', '.join(need)}{optional}")
     return DataConfig(out, path, first_line)
 
 
@@ -295,6 +298,44 @@ def scale_coords(img1_shape, coords, img0_shape, ratio_pad=None, clip=True):
     return out
 
 
+@dataclass
+class RectPlan:
+    """Rectangular batches of a data set (see rect_batches): `batches` lists of image indices, `shapes` int
+    [n_batches, 2] letterbox (h, w) of each batch, `shape_of` int [n_images, 2] the (h, w) of each image's
+    batch."""
+    batches: list
+    shapes: np.ndarray
+    shape_of: np.ndarray
+
+
+def rect_batches(sizes, img_size, batch_size, pad=0.0, stride=32):
+    """Group images into batches of similar aspect ratio, each letterboxed to its own rectangle.
+
+    sizes [N, 2]: original (h, w) of each image. Images are sorted by aspect ratio h / w (stable: ties keep data
+    set order) and cut into consecutive batches of `batch_size`. Each image is resized to long side `img_size`
+    (as the data set does); a batch's shape (h, w) is the smallest multiple of `stride` holding every resized
+    image of the batch plus `pad` strides (pad=0: the smallest rectangle; ultralytics' test.py uses 0.5, which
+    also grows the long side, e.g. 416 -> 448). A batch mixing portrait and landscape images is square.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+    if batch_size < 1:
+        raise DarkslimError(f"batch size {batch_size}; expected a positive integer")
+    if pad < 0:
+        raise DarkslimError(f"rect pad {pad}; expected >= 0 (in strides)")
+    order = np.argsort(sizes[:, 0] / sizes[:, 1], kind='stable')
+    resized = np.array([_scaled_size(int(h), int(w), img_size / max(h, w)) for h, w in sizes],
+                       dtype=np.float64).reshape(-1, 2)
+    batches, shapes = [], []
+    shape_of = np.zeros((len(sizes), 2), dtype=np.int64)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        shape = (np.ceil((resized[idx].max(0) + pad * stride) / stride) * stride).astype(np.int64)
+        batches.append(idx.tolist())
+        shapes.append(shape)
+        shape_of[idx] = shape
+    return RectPlan(batches, np.array(shapes, dtype=np.int64).reshape(-1, 2), shape_of)
+
+
 def image_tensor(img):
     """BGR uint8 image [H, W, 3] -> RGB float32 tensor [3, H, W] with values 0..1 (the network's input)."""
     return torch.from_numpy(np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))).float().div_(PIXEL_MAX)
@@ -417,10 +458,12 @@ def imread(path):
 class LoadImagesAndLabels(Dataset):
     """Images + Darknet labels for training and evaluation.
 
-    Item i: (img float32 [3, S, S] RGB 0..1, labels float32 [n, 6] (0, cls, cx, cy, w, h) normalized to the
-    S x S output, path, shapes) with S = self.img_size; shapes = ((h0, w0), ((ratio_h, ratio_w), (dw, dh))) maps
-    the output back to original pixels (scale_coords(img.shape[1:], boxes, *shapes)); shapes is None for a mosaic.
-    Geometric augmentation (affine, flip) is not reflected in shapes.
+    Item i: (img float32 [3, H, W] RGB 0..1, labels float32 [n, 6] (0, cls, cx, cy, w, h) normalized to the
+    H x W output, path, shapes); shapes = ((h0, w0), ((ratio_h, ratio_w), (dw, dh))) maps the output back to
+    original pixels (scale_coords(img.shape[1:], boxes, *shapes)); shapes is None for a mosaic. Geometric
+    augmentation (affine, flip) is not reflected in shapes. H = W = self.img_size, or with rect=True the shape of
+    the image's rectangular batch (rect_plan(); not with mosaic): iterate such a data set with
+    `DataLoader(ds, batch_sampler=RectBatchSampler(ds), ...)` so that each batch holds images of one shape.
 
     Attributes: img_files, label_files, labels (list of float32 [n, 5] cls,cx,cy,w,h normalized to the original
     image), shapes (int [N, 2] original (h, w)), n_dropped (bad label rows dropped with skip_bad_labels).
@@ -429,7 +472,7 @@ class LoadImagesAndLabels(Dataset):
     """
 
     def __init__(self, path_or_list, img_size, batch_size=16, augment=False, hyp=None, cache=False,
-                 mosaic=False, nc=None, skip_bad_labels=False, pad_color=114):
+                 mosaic=False, nc=None, skip_bad_labels=False, pad_color=114, rect=False, rect_pad=0.0):
         if isinstance(path_or_list, (list, tuple)):
             files = [os.path.abspath(os.fspath(p)) for p in path_or_list]
             for p in files:
@@ -448,6 +491,9 @@ class LoadImagesAndLabels(Dataset):
         self.hyp = {**DEFAULT_HYP, **(hyp or {})}
         self.nc = nc
         self.pad_color = (pad_color,) * 3 if isinstance(pad_color, numbers.Number) else tuple(pad_color)
+        if rect and augment and mosaic:
+            raise DarkslimError("rect=True with mosaic augmentation; expected one of them (a mosaic is square)")
+        self.rect, self.rect_pad, self._rect_plans = rect, rect_pad, {}
 
         # all labels up front so that a bad file fails before training starts
         self.labels, self.n_dropped, bad_files = [], 0, 0
@@ -457,7 +503,8 @@ class LoadImagesAndLabels(Dataset):
             self.n_dropped += dropped
             bad_files += dropped > 0
         if skip_bad_labels:
-            print(f"skip_bad_labels: dropped {self.n_dropped} bad label rows in {bad_files} of "
+            where = os.fspath(path_or_list) if not isinstance(path_or_list, (list, tuple)) else 'image list'
+            print(f"skip_bad_labels: {where}: dropped {self.n_dropped} bad label rows in {bad_files} of "
                   f"{len(self.label_files)} label files")
 
         # cache: images resized to the current img_size, decoded once here (shared with forked workers)
@@ -481,6 +528,13 @@ class LoadImagesAndLabels(Dataset):
 
     def __len__(self):
         return len(self.img_files)
+
+    def rect_plan(self):
+        """RectPlan of the rectangular batches for the current img_size and batch_size (computed once each)."""
+        key = (self.img_size, self.batch_size)
+        if key not in self._rect_plans:
+            self._rect_plans[key] = rect_batches(self.shapes, self.img_size, self.batch_size, self.rect_pad)
+        return self._rect_plans[key]
 
     def _load_resized(self, i):
         """Image i from disk resized so that its long side is img_size: (BGR uint8, (h0, w0), (h, w))."""
@@ -553,7 +607,8 @@ class LoadImagesAndLabels(Dataset):
             shapes = None
         else:
             img, (h0, w0), (h, w) = self.load_image(index)
-            img, _, pad = letterbox(img, s, color=self.pad_color, auto=False, scaleup=self.augment)
+            shape = tuple(int(v) for v in self.rect_plan().shape_of[index]) if self.rect else s
+            img, _, pad = letterbox(img, shape, color=self.pad_color, auto=False, scaleup=self.augment)
             shapes = (h0, w0), ((h / h0, w / w0), pad)
             lab = self.labels[index]
             targets = np.concatenate((lab[:, :1], xywhn2xyxy(lab[:, 1:], w, h, pad[0], pad[1])), 1)
@@ -584,3 +639,20 @@ class LoadImagesAndLabels(Dataset):
             lab[:, 0] = i
             targets.append(lab)
         return torch.stack(imgs, 0), torch.cat(targets, 0), paths, shapes
+
+
+class RectBatchSampler(Sampler):
+    """Batches of LoadImagesAndLabels(rect=True) `dataset`: its rect_plan() batches, in order of aspect ratio.
+    Read when iteration starts, so an img_size changed between epochs is followed."""
+
+    def __init__(self, dataset):
+        super().__init__()
+        if not getattr(dataset, 'rect', False):
+            raise DarkslimError("RectBatchSampler needs a LoadImagesAndLabels data set built with rect=True")
+        self.dataset = dataset
+
+    def __iter__(self):
+        return iter([list(b) for b in self.dataset.rect_plan().batches])
+
+    def __len__(self):
+        return len(self.dataset.rect_plan().batches)

@@ -4,7 +4,13 @@
 call. Predictions and labels are compared in ORIGINAL image pixels (letterbox undone with scale_coords), the
 frame of the COCO-format JSON that `save_json` writes, so the numbers equal pycocotools' COCOeval on that JSON
 (see utils/metrics.py for the conventions).
+
+Speed: by default images are batched by aspect ratio and each batch is letterboxed to its own smallest
+rectangle (utils.datasets.rect_batches; rect=False: every image to an img_size square), loaded by worker
+processes while the model runs, and fed in channels-last memory format (faster convolutions on CPU and CUDA).
+Results are gathered per image and scored in data-set order, so they do not depend on the batching.
 """
+import contextlib
 import json
 import os
 import time
@@ -14,10 +20,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from utils.boxes import xywhn2xyxy
-from utils.datasets import LoadImagesAndLabels, check_classes, check_img_size, parse_data_cfg, scale_coords
+from utils.datasets import (LoadImagesAndLabels, RectBatchSampler, check_classes, check_img_size, parse_data_cfg,
+                            scale_coords)
 from utils.errors import DarkslimError
 from utils.io import write_text_atomic
-from utils.metrics import DetectionStats, coco_json_detections, format_table, non_max_suppression, write_coco_json
+from utils.metrics import (DetectionStats, coco_category_ids, coco_image_ids, coco_json_detections, format_table,
+                           non_max_suppression, write_coco_json)
 from utils.torch_utils import de_parallel
 
 # per-class keys of DetectionStats.compute() -> the keys test() reports
@@ -61,8 +69,15 @@ def _labels_original(targets, img_hw, shapes):
     return torch.cat((targets[:, :1], scale_coords(img_hw, box, *shapes, clip=False)), 1)
 
 
+def default_workers(batch_size):
+    """DataLoader worker processes that load the next batches while the model runs: min(cores - 1, batch_size,
+    4), so one core stays with the forward pass; 0 (load in this process) on a one-core machine."""
+    return max(0, min((os.cpu_count() or 1) - 1, batch_size, 4))
+
+
 def evaluate(model, data, img_size=None, batch_size=16, conf_thres=0.001, iou_thres=0.6, max_det=300,
-             dataloader=None, save_json=None, report=None, verbose=True, workers=0, augment=False):
+             dataloader=None, save_json=None, report=None, verbose=True, workers=None, augment=False, rect=True,
+             rect_pad=0.0, half=False, skip_bad_labels=False):
     """Evaluate `model` on the `valid` images of .data file `data`; returns a JSON-ready dict
 
     {precision, recall, f1, mAP50, mAP50_95 (means over classes with labels), per_class: [{class, name, images,
@@ -71,24 +86,38 @@ def evaluate(model, data, img_size=None, batch_size=16, conf_thres=0.001, iou_th
      nms_seconds}.
 
     model: a models.Darknet (any nn.Module with `.nc` whose eval forward returns (inference [B, N, 5+nc], ...)),
-    used as is on its own device, in eval mode, restored to its previous mode afterwards.
-    img_size: letterbox side; None = the model's input size max(h, w) (see input_size).
-    dataloader: optional, yielding LoadImagesAndLabels.collate_fn batches in data-set order (not shuffled);
-    image_id in the JSON is the running image index. save_json / report: paths written atomically.
+    used as is on its own device, in eval mode, restored to its previous mode afterwards (never modified).
+    img_size: letterbox long side; None = the model's input size max(h, w) (see input_size).
+    rect: rectangular batches (module doc; rect_pad extra strides per batch, ultralytics uses 0.5); False:
+    square letterbox. workers: loader processes, None = default_workers(batch_size). half: fp16 autocast of
+    the forward pass (CUDA only). skip_bad_labels: drop bad label rows (counted) instead of stopping.
+    dataloader: optional, yielding LoadImagesAndLabels.collate_fn batches (any batching and order; images are
+    put back in the order of dataloader.dataset.img_files, else taken in arrival order).
+    save_json / report: paths written atomically. JSON ids: image_id = numeric file stem when every stem is one,
+    else the index in the valid list; category_id = COCO's official id when the names are COCO's 80 classes,
+    else the class index (utils.metrics.coco_image_ids / coco_category_ids).
     """
     data_path = os.fspath(data)
-    data_cfg = parse_data_cfg(data_path)
-    names = check_classes(data_cfg, de_parallel(model).nc, data_path, f"the model ({type(model).__name__})")
+    data_cfg = parse_data_cfg(data_path, need=('classes', 'valid'))
+    nc = de_parallel(model).nc
+    names = check_classes(data_cfg, nc, data_path, f"the model ({type(model).__name__})")
+    dev = model_device(model)
+    if half and dev.type != 'cuda':
+        raise DarkslimError(f"half precision needs the model on a CUDA device; it is on {dev}")
     if dataloader is None:
-        dataloader = _loader(data_cfg, input_size(model, img_size), batch_size, workers)
+        dataloader = _loader(data_cfg, input_size(model, img_size), batch_size, workers, rect, rect_pad,
+                             skip_bad_labels, pin=dev.type == 'cuda')
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            stats, json_dets, times = _collect(model, dataloader, Thresholds(conf_thres, iou_thres, max_det),
-                                               augment, save_json is not None)
+            images, times = _collect(model, dataloader, Thresholds(conf_thres, iou_thres, max_det), augment, half)
     finally:
         model.train(was_training)
+    stats = DetectionStats()
+    for im in images:  # data-set order: ties in score break as in COCOeval
+        stats.update(im.pred, im.labels)
+    times['seconds'] = time.perf_counter() - times['start']
     res = stats.compute(names)
     result = {
         'precision': res['precision'], 'recall': res['recall'], 'f1': res['f1'],
@@ -99,15 +128,12 @@ def evaluate(model, data, img_size=None, batch_size=16, conf_thres=0.001, iou_th
         'targets': res['targets'], 'conf_threshold': res['conf_threshold'],
         'inference_seconds': times['inference'], 'nms_seconds': times['nms'],
     }
-    if save_json is not None:
-        write_coco_json(save_json, json_dets)
-    if report is not None:
-        write_text_atomic(report, json.dumps(result, indent=2) + '\n')
+    n_dets = _write_outputs(save_json, report, result, images, coco_category_ids(names, nc))
     if verbose:
         print(format_table(res))
         _print_speed(res['images'], times, conf_thres, iou_thres)
         if save_json is not None:
-            print(f"wrote {len(json_dets)} detections to {save_json}")
+            print(f"wrote {n_dets} detections to {save_json}")
         if report is not None:
             print(f"wrote {report}")
     return result
@@ -121,26 +147,62 @@ class Thresholds:
     max_det: int = 300
 
 
-def _loader(data_cfg, img_size, batch_size, workers):
-    """The evaluation DataLoader over the .data file's valid images (letterboxed, no augmentation, in order)."""
+@dataclass
+class ImageResult:
+    """One evaluated image: detections [n, 6] x1, y1, x2, y2, conf, cls and labels [m, 5] cls, x1, y1, x2, y2,
+    both in original pixels; its path and COCO image_id."""
+    pred: torch.Tensor
+    labels: torch.Tensor
+    path: str
+    image_id: int
+
+
+def _loader(data_cfg, img_size, batch_size, workers, rect, rect_pad, skip_bad_labels, pin):
+    """The evaluation DataLoader over the .data file's valid images (letterboxed, no augmentation)."""
     if batch_size < 1:
         raise DarkslimError(f"batch size {batch_size}; expected a positive integer")
-    dataset = LoadImagesAndLabels(data_cfg['valid'], img_size, batch_size, augment=False, nc=data_cfg['classes'])
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      collate_fn=LoadImagesAndLabels.collate_fn)
+    workers = default_workers(batch_size) if workers is None else workers
+    if workers < 0:
+        raise DarkslimError(f"workers {workers}; expected >= 0")
+    dataset = LoadImagesAndLabels(data_cfg['valid'], img_size, batch_size, augment=False, nc=data_cfg['classes'],
+                                  skip_bad_labels=skip_bad_labels, rect=rect, rect_pad=rect_pad)
+    common = dict(num_workers=workers, collate_fn=LoadImagesAndLabels.collate_fn, pin_memory=pin)
+    if rect:
+        return DataLoader(dataset, batch_sampler=RectBatchSampler(dataset), **common)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **common)
 
 
-def _collect(model, dataloader, th, augment, want_json):
-    """Run the model over the loader: (DetectionStats, COCO JSON rows, {'seconds', 'inference', 'nms'})."""
+class _ImageOrder:
+    """Data-set index and COCO image_id of each image as batches arrive in any order: found by path (a path
+    listed twice takes its indices in list order); arrival order when the data set has no img_files."""
+
+    def __init__(self, files):
+        files = list(files or [])
+        self.slots = {}
+        for i, f in enumerate(files):
+            self.slots.setdefault(f, []).append(i)
+        self.ids, self.arrived = coco_image_ids(files), 0
+
+    def take(self, path):
+        """(index, image_id) of the next image with this path."""
+        free = self.slots.get(path)
+        k = free.pop(0) if free else len(self.ids) + self.arrived
+        self.arrived += 1
+        return k, self.ids[k] if k < len(self.ids) else k
+
+
+def _collect(model, dataloader, th, augment, half):
+    """Run the model over the loader: (ImageResult list in data-set order, {'start', 'inference', 'nms'})."""
     dev = model_device(model)
-    stats, json_dets = DetectionStats(), []
-    times = {'inference': 0.0, 'nms': 0.0}
-    image_id = 0
-    t_start = time.perf_counter()
+    order = _ImageOrder(getattr(getattr(dataloader, 'dataset', None), 'img_files', None))
+    found, times = {}, {'inference': 0.0, 'nms': 0.0, 'start': time.perf_counter()}
     for imgs, targets, paths, shapes in dataloader:
-        imgs = imgs.to(dev, non_blocking=True)
+        # channels-last [B, 3, H, W]: oneDNN (CPU) and cuDNN run these convolutions faster than NCHW
+        imgs = imgs.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
         t0 = time.perf_counter()
-        out = inference(model, imgs, augment)
+        with torch.autocast('cuda', dtype=torch.float16) if half else contextlib.nullcontext():
+            out = inference(model, imgs, augment)
+        out = out.float()  # NMS and box arithmetic in float32 also after fp16 autocast
         if dev.type == 'cuda':
             torch.cuda.synchronize(dev)
         t1 = time.perf_counter()
@@ -154,13 +216,23 @@ def _collect(model, dataloader, th, augment, want_json):
                 raise DarkslimError(f"{paths[si]}: batch has no letterbox shapes (a mosaic?); "
                                     f"expected an evaluation loader with augment=False")
             labels = _labels_original(targets[targets[:, 0] == si, 1:], img_hw, shapes[si])
-            predn = scale_coords(img_hw, pred, *shapes[si])
-            stats.update(predn, labels)
-            if want_json:
-                json_dets += coco_json_detections(predn, image_id, paths[si])
-            image_id += 1
-    times['seconds'] = time.perf_counter() - t_start
-    return stats, json_dets, times
+            k, image_id = order.take(paths[si])
+            found[k] = ImageResult(scale_coords(img_hw, pred, *shapes[si]), labels, paths[si], image_id)
+    return [found[k] for k in sorted(found)], times
+
+
+def _write_outputs(save_json, report, result, images, category_ids):
+    """Write the COCO JSON and the report (each when its path is given); returns the number of detections."""
+    n = 0
+    if save_json is not None:
+        dets = []
+        for im in images:
+            dets += coco_json_detections(im.pred, im.image_id, im.path, class_map=category_ids)
+        write_coco_json(save_json, dets)
+        n = len(dets)
+    if report is not None:
+        write_text_atomic(report, json.dumps(result, indent=2) + '\n')
+    return n
 
 
 def _print_speed(images, times, conf_thres, iou_thres):

@@ -17,6 +17,7 @@ Conventions (shared with pycocotools so that our numbers equal COCOeval's):
   curve interpolation or smoothing). Ties go to the highest threshold.
 """
 import json
+import os
 
 import numpy as np
 import torch
@@ -326,13 +327,62 @@ def format_table(results, names=None):
 
 # ---------------------------------------------------------------------------------------------- COCO JSON
 
+# The 80 COCO detection classes in the class-id order of Darknet/ultralytics label files, and the category ids
+# of the official COCO annotations for them (COCO numbers 91 categories, 11 of which have no boxes).
+COCO_NAMES = (
+    'person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat', 'traffic light',
+    'fire hydrant', 'stop sign', 'parking meter', 'bench', 'bird', 'cat', 'dog', 'horse', 'sheep', 'cow',
+    'elephant', 'bear', 'zebra', 'giraffe', 'backpack', 'umbrella', 'handbag', 'tie', 'suitcase', 'frisbee',
+    'skis', 'snowboard', 'sports ball', 'kite', 'baseball bat', 'baseball glove', 'skateboard', 'surfboard',
+    'tennis racket', 'bottle', 'wine glass', 'cup', 'fork', 'knife', 'spoon', 'bowl', 'banana', 'apple',
+    'sandwich', 'orange', 'broccoli', 'carrot', 'hot dog', 'pizza', 'donut', 'cake', 'chair', 'couch',
+    'potted plant', 'bed', 'dining table', 'toilet', 'tv', 'laptop', 'mouse', 'remote', 'keyboard', 'cell phone',
+    'microwave', 'oven', 'toaster', 'sink', 'refrigerator', 'book', 'clock', 'vase', 'scissors', 'teddy bear',
+    'hair drier', 'toothbrush')
+# darknet's data/coco.names spells six of them differently
+DARKNET_COCO_SPELLINGS = {3: 'motorbike', 4: 'aeroplane', 57: 'sofa', 58: 'pottedplant', 60: 'diningtable',
+                          62: 'tvmonitor'}
+COCO80_TO_91 = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31,
+                32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57,
+                58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87,
+                88, 89, 90)
+
+
+def is_coco_names(names):
+    """True when `names` are COCO's 80 classes in COCO order (official or darknet spelling, any case)."""
+    if names is None or len(names) != len(COCO_NAMES):
+        return False
+    for k, (name, coco) in enumerate(zip(names, COCO_NAMES)):
+        if str(name).strip().lower() not in (coco, DARKNET_COCO_SPELLINGS.get(k)):
+            return False
+    return True
+
+
+def coco_category_ids(names, nc):
+    """category_id of each class 0..nc-1 in COCO JSON: COCO's official ids (COCO80_TO_91) when `names` are the
+    80 COCO classes, so that the JSON scores against the official annotations; else the class index itself."""
+    return list(COCO80_TO_91) if nc == len(COCO80_TO_91) and is_coco_names(names) else list(range(nc))
+
+
+def coco_image_ids(img_files):
+    """image_id of each image in COCO JSON: the file stem as a number when every stem is a number and no two are
+    equal (COCO's 000000000139.jpg -> 139, the id of the official annotations); else the 0-based index in the
+    list."""
+    stems = [os.path.splitext(os.path.basename(os.fspath(f)))[0] for f in img_files]
+    if stems and all(s.isdigit() for s in stems):
+        ids = [int(s) for s in stems]
+        if len(set(ids)) == len(ids):
+            return ids
+    return list(range(len(stems)))
+
+
 def coco_json_detections(dets, image_id, file_name, class_map=None):
     """COCO result entries for one image.
 
     dets [n, 6] x1, y1, x2, y2, conf, cls in ORIGINAL image pixels (map letterboxed boxes back first with
-    utils.datasets.scale_coords). image_id: 0-based index of the image in the validation list. class_map: optional
-    sequence/dict class -> category_id (default: the class index itself). bbox is [x, y, w, h] rounded to 3
-    decimals, score to 5 decimals. Returns a list of dicts
+    utils.datasets.scale_coords). image_id: the image's id (see coco_image_ids). class_map: optional
+    sequence/dict class -> category_id (default: the class index itself; see coco_category_ids). bbox is
+    [x, y, w, h] rounded to 3 decimals, score to 5 decimals. Returns a list of dicts
     {"image_id", "file_name", "category_id", "bbox", "score"}.
     """
     dets = _to_numpy(dets).reshape(-1, 6)
@@ -351,28 +401,36 @@ def write_coco_json(path, dets):
     write_text_atomic(path, json.dumps(dets))
 
 
-def coco_gt_from_labels(img_files, label_arrays, sizes, nc, names=None):
+def coco_gt_from_labels(img_files, label_arrays, sizes, nc, names=None, image_ids=None, category_ids=None):
     """COCO-format ground truth dict (for pycocotools) from YOLO labels.
 
     img_files [I] paths; label_arrays [I] arrays [m, 5] class, x_centre, y_centre, w, h normalised to 0..1;
     sizes [I] (height, width) of the original images in pixels, as LoadImagesAndLabels.shapes; nc classes.
     Typical call: coco_gt_from_labels(ds.img_files, ds.labels, ds.shapes, nc).
-    images get id = 0-based index, annotations ids 1.. (pycocotools treats id 0 as 'unmatched'), bbox [x, y, w, h]
-    in pixels, area = w * h, iscrowd 0; categories 0..nc-1.
+    images get id image_ids[i] (default 0-based index), annotations ids 1.. (pycocotools treats id 0 as
+    'unmatched'), bbox [x, y, w, h] in pixels, area = w * h, iscrowd 0; category of class c: category_ids[c]
+    (default c). Pass coco_image_ids(img_files) and coco_category_ids(names, nc) to match a JSON that
+    utils.evaluate wrote.
     """
     if not (len(img_files) == len(label_arrays) == len(sizes)):
         raise ValueError(f"{len(img_files)} images, {len(label_arrays)} label arrays, {len(sizes)} sizes; "
                          f"expected equal lengths")
+    image_ids = list(range(len(img_files))) if image_ids is None else list(image_ids)
+    category_ids = list(range(nc)) if category_ids is None else list(category_ids)
+    if len(image_ids) != len(img_files) or len(category_ids) != nc:
+        raise ValueError(f"{len(image_ids)} image ids for {len(img_files)} images, {len(category_ids)} category ids "
+                         f"for {nc} classes; expected one each")
     images, annotations = [], []
     for i, (f, lab, (h, w)) in enumerate(zip(img_files, label_arrays, sizes)):
-        images.append({'id': i, 'file_name': str(f), 'width': int(w), 'height': int(h)})
+        images.append({'id': int(image_ids[i]), 'file_name': str(f), 'width': int(w), 'height': int(h)})
         lab = _to_numpy(lab).reshape(-1, 5)
         for c, xc, yc, bw, bh in lab.tolist():
             if c != int(c) or not 0 <= c < nc:
                 raise DarkslimError(f"{f}: label class {c}; expected an integer in 0..{nc - 1}")
             pw, ph = bw * w, bh * h
-            annotations.append({'id': len(annotations) + 1, 'image_id': i, 'category_id': int(c),
+            annotations.append({'id': len(annotations) + 1, 'image_id': int(image_ids[i]),
+                                'category_id': int(category_ids[int(c)]),
                                 'bbox': [(xc - bw / 2) * w, (yc - bh / 2) * h, pw, ph],
                                 'area': pw * ph, 'iscrowd': 0})
-    categories = [{'id': c, 'name': class_name(names, c)} for c in range(nc)]
+    categories = [{'id': int(category_ids[c]), 'name': class_name(names, c)} for c in range(nc)]
     return {'images': images, 'annotations': annotations, 'categories': categories}
