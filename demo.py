@@ -1,10 +1,10 @@
 """The whole network-slimming pipeline on the embedded shapes data (what `make demo` runs).
 
-    python demo.py [--out runs/demo] [--dense-epochs 12] [--epochs 12] [--ft-epochs 4] [--img-size 192] [--seed 0]
+    python demo.py [--out runs/demo] [--epochs 20] [--dense-epochs 0] [--ft-epochs 4] [--img-size 192] [--seed 0]
 
 1. generate the shapes dataset (data/make_shapes.py) into OUT/shapes
-2. train cfg/yolov3-demo.cfg and cfg/yolov3-tiny-demo.cfg normally (--dense-epochs), then sparse-train each
-   from those weights (-sr --prune 1 and -sr --prune 2, --s 0.01), as a user would: train, then sparsify
+2. sparse-train cfg/yolov3-demo.cfg (-sr --prune 1) and cfg/yolov3-tiny-demo.cfg (-sr --prune 2), --s 0.01,
+   from scratch, or with --dense-epochs N from N epochs of plain training first
 3. prune: normal (--percent 0.6), regular (power of two), regular --round-to 8, shortcut (0.5) and layer
    (remove a quarter of the residual blocks) on the YOLOv3-style model; tiny (0.5) on the tiny-style model;
    --min-keep 2 for a layer the cut would empty
@@ -49,10 +49,10 @@ def get_args_parser():
     p.add_argument('--n-train', type=int, default=800)
     p.add_argument('--n-val', type=int, default=200)
     p.add_argument('--img-size', type=int, default=192)
-    p.add_argument('--dense-epochs', type=int, default=12,
-                   help='plain training epochs before sparse training (0: sparse-train from scratch)')
-    p.add_argument('--epochs', type=int, default=12, help='sparse-training epochs (YOLOv3-style model)')
-    p.add_argument('--tiny-epochs', type=int, default=12, help='sparse-training epochs (tiny-style model)')
+    p.add_argument('--dense-epochs', type=int, default=0,
+                   help='plain training epochs before sparse training (default 0: sparse-train from scratch)')
+    p.add_argument('--epochs', type=int, default=20, help='sparse-training epochs (YOLOv3-style model)')
+    p.add_argument('--tiny-epochs', type=int, default=20, help='sparse-training epochs (tiny-style model)')
     p.add_argument('--eval-interval', type=int, default=4, help='sparse training: evaluate every N epochs')
     p.add_argument('--ft-epochs', type=int, default=4, help='fine-tuning epochs per pruned model')
     p.add_argument('--batch-size', type=int, default=8)
