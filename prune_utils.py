@@ -516,13 +516,16 @@ def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep
 
 # --- step 3: surgery --------------------------------------------------------------------------------------------
 
-def channel_flow(model, keep):
+def channel_flow(model, keep, constants=None):
     """Per layer: (kept output channels [C] bool, constant [C] float) after removing channels per `keep`.
 
-    A removed BN channel (gamma ~ 0 after sparsity training) outputs the constant act(beta).  Constants flow
-    unchanged through [maxpool] (max of a constant; darknet pads with -inf) and [upsample], are concatenated by
-    [route] (any number of inputs, `groups` slices), and summed by [shortcut] (output act(sum)); a shortcut
-    channel is removed only when it is removed in every input (shortcut groups share their mask, so it is).
+    A removed BN channel (gamma ~ 0 after sparsity training) outputs the constant act(beta); `constants`
+    ({conv layer index: float tensor [filters]}, optional) replaces act(beta) for the layers it names, e.g. by
+    the channels' mean activations on images (calibrate.py) for a model that was not sparse-trained.
+    Constants flow unchanged through [maxpool] (max of a constant; darknet pads with -inf) and [upsample], are
+    concatenated by [route] (any number of inputs, `groups` slices), and summed by [shortcut] (output
+    act(sum)); a shortcut channel is removed only when it is removed in every input (shortcut groups share
+    their mask, so it is).
     """
     defs = model.module_defs
     flow = []
@@ -535,8 +538,11 @@ def channel_flow(model, keep):
             n = d['filters']
             if i in keep:
                 k = torch.as_tensor(keep[i], dtype=torch.bool)
-                with torch.no_grad():
-                    c = m[-1](m[1].bias.detach().float().cpu())     # act(beta)
+                if constants is not None and i in constants:
+                    c = torch.as_tensor(constants[i]).detach().float().cpu().reshape(n)
+                else:
+                    with torch.no_grad():
+                        c = m[-1](m[1].bias.detach().float().cpu())     # act(beta)
                 c = torch.where(k, torch.zeros_like(c), c)
             else:
                 k, c = torch.ones(n, dtype=torch.bool), torch.zeros(n)
@@ -573,8 +579,9 @@ def _fold_shift(conv, keep_in, const_in):
     return w.sum((2, 3))[:, removed].double() @ const_in[removed].double()
 
 
-def loose_model(model, plan):
+def loose_model(model, plan, constants=None):
     """The full-size model with removed channels' gamma, beta zeroed and their constants folded (for checking).
+    `constants`: optional per-layer constants of removed channels instead of act(beta) (see channel_flow).
 
     Fold: a consumer conv reading removed channels with constant c gets, with BN, `running_mean -= W.sum(kh,kw) @ c`,
     without BN `bias += W.sum(kh,kw) @ c`.  This is exact for 1x1 consumers.  For k x k consumers it is exact
@@ -583,7 +590,7 @@ def loose_model(model, plan):
     Removed channels then output act(0) = 0 (layer sets admit only activations with act(0) = 0).
     """
     loose = copy.deepcopy(model).eval()
-    flow = channel_flow(model, plan.keep)
+    flow = channel_flow(model, plan.keep, constants)
     with torch.no_grad():
         for i, d in enumerate(loose.module_defs):
             if d['type'] != 'convolutional':
@@ -612,11 +619,12 @@ def compact_defs(model, plan):
     return defs
 
 
-def compact_model(model, plan, loose=None):
+def compact_model(model, plan, loose=None, constants=None):
     """The smaller network: kept output channels of every conv, kept input channels of every consumer (through
     route offsets and shortcut groups), heads' inputs sliced; weights taken from the loose model (folds
-    included), so its output equals the loose model's."""
-    loose = loose_model(model, plan) if loose is None else loose
+    included), so its output equals the loose model's.  `constants` (see channel_flow) is used only to build
+    the loose model when none is given."""
+    loose = loose_model(model, plan, constants) if loose is None else loose
     flow = channel_flow(model, plan.keep)
     small = models.Darknet(compact_defs(model, plan), img_size=model.img_size).eval()
     with torch.no_grad():
