@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from terminaltables import AsciiTable
 
+import calibrate
 import models
 import prune_utils
 from utils.errors import DarkslimError
@@ -20,6 +21,7 @@ from utils.evaluate import evaluate
 from utils.torch_utils import select_device
 
 DEFAULT_WEIGHTS = os.path.join('weights', 'last.pt')   # train.py's default output
+DEFAULT_CALIB_STEPS = ('mean', 'refit')
 FLAGS = {'percent': '--percent', 'threshold': '--threshold', 'min_keep': '--min-keep', 'round_to': '--round-to'}
 
 
@@ -40,6 +42,12 @@ def add_prune_args(p, strategy):
         p.add_argument('--round-to', type=int,
                        help='round kept counts up to a multiple of N (8/16/32); default: a power of two')
     p.add_argument('--img-size', type=int, help="input size for BFLOPs, latency and mAP (default: the cfg's)")
+    p.add_argument('--calib', type=int, default=0, metavar='N',
+                   help='calibrated surgery on N images of the --data train split (0: the plain beta fold); for '
+                        'models that were not sparse-trained')
+    p.add_argument('--calib-steps', default=','.join(DEFAULT_CALIB_STEPS),
+                   help='with --calib: any of mean (measured means instead of act(beta)), refit (least-squares '
+                        'refit of the convs that lost inputs), bn (BatchNorm statistics re-estimated)')
     p.add_argument('--batch-size', type=int, default=16, help='batch size for mAP evaluation')
     p.add_argument('--device', default='cpu', help='cpu | cuda | cuda:N (mAP evaluation)')
     p.add_argument('--latency-runs', type=int, default=5, help='timed CPU forward passes per model (0 = skip)')
@@ -93,6 +101,11 @@ def resolve_inputs(args, strategy, prefix=None):
     if args.cfg is None and not models.is_torch_file(weights):
         raise DarkslimError(f"{weights}: darknet .weights store no cfg; expected --cfg C")
     select_device(args.device)                        # a bad --device fails now, before any work
+    calib = getattr(args, 'calib', 0)
+    if calib < 0:
+        raise DarkslimError(f"--calib {calib}; expected a number of images >= 0")
+    if calib and not args.data:
+        raise DarkslimError(f"--calib {calib} needs --data (its train split gives the calibration images)")
     percent = args.percent
     if percent is None and args.threshold is None:
         percent = default_percent(strategy)
@@ -138,6 +151,8 @@ def metrics_rows(before, after, maps=None):
         for key, label in (('mAP50', 'mAP@0.5'), ('mAP50_95', 'mAP@0.5:0.95')):
             rows.append([label, f"{maps['original'][key]:.4f}", f"{maps['compact'][key]:.4f}"])
             rows.append([f"{label} (loose model)", '', f"{maps['loose'][key]:.4f}"])
+            if 'beta_fold' in maps:
+                rows.append([f"{label} (beta fold, uncalibrated)", '', f"{maps['beta_fold'][key]:.4f}"])
     return rows
 
 
@@ -195,6 +210,20 @@ def sparsity_check(weights, strategy):
     return {'sparse_trained': trained is not None, 'trained_mode': trained, 'warning': warning}
 
 
+def calibrated(args, model, plan, compact):
+    """--calib N: (calibrated compact model, JSON summary) from N train images of --data; (compact, None) without."""
+    if not args.calib:
+        return compact, None
+    steps = tuple(s for s in args.calib_steps.split(',') if s)
+    images = calibrate.calibration_images(args.data, args.calib, args.img_size or max(model.img_size))
+    try:
+        better, report = calibrate.calibrated_compact(model, plan, images, steps=steps)
+    except DarkslimError as e:
+        raise DarkslimError(str(e).replace('calibration steps', '--calib-steps')) from None
+    return better, {'steps': list(report.steps), 'images': report.images,
+                    'seconds': {k: round(v, 2) for k, v in report.seconds.items()}}
+
+
 def run(args, strategy):
     """A prune script's whole job ('normal' | 'regular' | 'shortcut' | 'tiny'): load, layer set, plan (a bad
     plan fails before anything is printed or written), print the layer list and plan, loose and compact
@@ -209,8 +238,12 @@ def run(args, strategy):
     loose = prune_utils.loose_model(model, plan)
     compact = prune_utils.compact_model(model, plan, loose)
     nets = {'original': model, 'loose': loose, 'compact': compact}
+    nets['compact'], calibration = calibrated(args, model, plan, compact)
+    if calibration:
+        nets['beta_fold'] = compact
     report = evaluate_and_report(args, strategy, nets, inputs, time.perf_counter() - t0)
     report['sparsity_training'] = sparsity
-    paths = prune_utils.write_outputs(inputs.prefix, compact, plan, report)
+    report['calibration'] = calibration
+    paths = prune_utils.write_outputs(inputs.prefix, nets['compact'], plan, report)
     print('wrote ' + ', '.join(paths.values()))
     return paths

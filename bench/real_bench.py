@@ -1,0 +1,273 @@
+"""Slimming a real detector on real images: the official COCO yolov3-tiny on coco128, end to end.
+
+    python bench/real_bench.py [--part A|B|all] [--epochs E] [--ft-epochs F] [--calib 128] [--threads 2]
+
+Needs ../shared/models/yolov3-tiny-coco (the official cfg + weights) and ../shared/datasets/coco128; skips with
+a message without them. Everything at 416; mAP on coco128 val (128 images), calibration, sparse training and
+fine-tuning on coco128 train (128 images).
+
+A. Prune without sparse training: tiny at --percent 0.05, 0.1, 0.2, 0.3 (on a cfg without shortcuts, normal
+   has the same layer set and plan: checked, not recomputed): params, BFLOPs, mAP@0.5 and @0.5:0.95 with the
+   beta fold and with each calibrated step (mean fold; mean fold + least-squares refit; + BN recalibration).
+B. The full pipeline: (i) dense fine-tune baseline for E epochs, (ii) sparse training -sr --prune 2 for the same
+   E epochs and lr at --s, (iii) tiny prune at 0.3 and 0.5 with and without calibration, (iv) F fine-tuning
+   epochs of each; mAP, params, BFLOPs and CPU latency (batch 1, fused, 1 thread, all models timed
+   alternately at the end) in one table; every written cfg + weights is loaded in OpenCV and compared with our
+   forward on a real image.
+Prints tables and writes bench/results/real.json (A and B as run; a part not run keeps its earlier result).
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import calibrate  # noqa: E402
+import prune_utils  # noqa: E402
+from bench.common import REPO, RESULTS, load_average, print_table, write_result  # noqa: E402
+from models import load_model, model_info  # noqa: E402
+from training import TrainConfig, fit  # noqa: E402
+from utils.darknet_weights import save_weights  # noqa: E402
+from utils.errors import cli_main  # noqa: E402
+from utils.evaluate import evaluate  # noqa: E402
+from utils.latency import latencies  # noqa: E402
+from utils.parse_config import write_cfg  # noqa: E402
+from utils.sparsity import sparsity_stats  # noqa: E402
+
+SHARED = os.path.join(os.path.dirname(REPO), 'shared')
+MODEL_DIR = os.path.join(SHARED, 'models', 'yolov3-tiny-coco')
+COCO128 = os.path.join(SHARED, 'datasets', 'coco128')
+SIZE = 416
+A_PERCENTS = (0.05, 0.1, 0.2, 0.3)
+B_PERCENTS = (0.3, 0.5)
+STEPS = {'beta': (), 'mean': ('mean',), 'mean+refit': ('mean', 'refit'), 'mean+refit+bn': ('mean', 'refit', 'bn')}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--part', default='all', choices=('A', 'B', 'all'))
+    p.add_argument('--calib', type=int, default=128, help='calibration images (coco128 train)')
+    p.add_argument('--epochs', type=int, default=10, help='E: dense baseline and sparse-training epochs')
+    p.add_argument('--ft-epochs', type=int, default=5, help='F: fine-tuning epochs of each pruned model')
+    p.add_argument('--lr0', type=float, default=0.002, help='learning rate of every training run')
+    p.add_argument('--s', type=float, default=0.1, help='sparsity rate of (ii)')
+    p.add_argument('--batch-size', type=int, default=8)
+    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--latency-runs', type=int, default=15)
+    p.add_argument('--work-dir', help='keep the trained models here (default: a temporary folder)')
+    p.add_argument('--a-steps', default=','.join(STEPS), help='part A: which surgery variants to run')
+    p.add_argument('--b-steps', default='mean,refit,bn', help='part B: the calibration steps of the calibrated rows')
+    return p
+
+
+def write_data(folder):
+    """A .data file for coco128 (train2017 = calibration/training, val2017 = evaluation)."""
+    path = os.path.join(folder, 'coco128.data')
+    with open(path, 'w') as f:
+        f.write(f"classes=80\ntrain={COCO128}/images/train2017\nvalid={COCO128}/images/val2017\n"
+                f"names={COCO128}/coco.names\n")
+    return path
+
+
+def maps(model, data):
+    r = evaluate(model, data, img_size=SIZE, batch_size=16, verbose=False)
+    return {'mAP50': round(r['mAP50'], 4), 'mAP50_95': round(r['mAP50_95'], 4)}
+
+
+def surgery(model, plan, images, steps):
+    """(compact model, seconds, calibration report) for one variant of the surgery."""
+    t = time.perf_counter()
+    if not steps:
+        return prune_utils.compact_model(model, plan), time.perf_counter() - t, None
+    compact, report = calibrate.calibrated_compact(model, plan, images, steps=steps)
+    return compact, time.perf_counter() - t, report
+
+
+def part_a(model, data, images, variants):
+    """Rows {percent, variant, params, bflops, mAP50, mAP50_95, seconds} of the prune without sparse training.
+    'mean+refit+bn' re-estimates the BN statistics of the 'mean+refit' model (the refit is not run twice)."""
+    rows = []
+    for percent in A_PERCENTS:
+        ls = prune_utils.get_layer_set(model.module_defs, 'tiny')
+        plan = prune_utils.make_plan(model, ls, 'tiny', percent=percent)
+        normal = prune_utils.make_plan(model, prune_utils.get_layer_set(model.module_defs, 'normal'), 'normal',
+                                       percent=percent)
+        same = plan.keep.keys() == normal.keep.keys() and all(np.array_equal(plan.keep[i], normal.keep[i])
+                                                               for i in plan.keep)
+        refit = None
+        for name in variants:
+            if name == 'mean+refit+bn' and refit is not None:
+                t = time.perf_counter()
+                compact = refit
+                calibrate.recalibrate_bn(compact, images)
+                sec = time.perf_counter() - t
+            else:
+                compact, sec, _ = surgery(model, plan, images, STEPS[name])
+            if name == 'mean+refit':
+                refit = compact
+            params, bflops = model_info(compact.defs, SIZE, SIZE)
+            row = {'percent': percent, 'variant': name, 'params': params, 'bflops': round(bflops, 3),
+                   'threshold': plan.threshold, 'seconds': round(sec, 1), 'normal_plan_identical': same,
+                   **maps(compact, data)}
+            print(f"A: percent {percent} {name}: mAP@0.5 {row['mAP50']:.4f}  ({sec:.0f} s)", flush=True)
+            rows.append(row)
+    return rows
+
+
+def train_run(work, name, cfg, data, weights, args, **extra):
+    """One training run through the training library; returns (summary, out_dir)."""
+    out = os.path.join(work, name)
+    config = TrainConfig(cfg=cfg, data=data, weights=weights, epochs=extra.pop('epochs', args.epochs),
+                         batch_size=args.batch_size, img_size=SIZE, lr0=args.lr0, warmup_epochs=0.5, workers=0,
+                         out_dir=out, eval_interval=extra.pop('eval_interval', 1000), cache=True, **extra)
+    t = time.perf_counter()
+    summary = fit(config)
+    summary['wall_seconds'] = round(time.perf_counter() - t, 1)
+    return summary, out
+
+
+def opencv_max_diff(model, cfg, weights, x):
+    """Largest difference of box centres (in input fractions) and objectness between our forward and OpenCV's
+    Darknet importer, on input x [1, 3, H, W] (both read the same cfg + weights files)."""
+    import cv2
+    net = cv2.dnn.readNetFromDarknet(str(cfg), str(weights))
+    net.setInput(x.numpy())
+    names = net.getUnconnectedOutLayersNames()
+    outs = [o for _, o in sorted(zip(names, net.forward(names)), key=lambda t: int(t[0].split('_')[-1]))]
+    with torch.no_grad():
+        inf, raw = model.eval()(x)
+    h, w = x.shape[-2:]
+    worst, start = 0.0, 0
+    for r, o in zip(raw, outs):
+        _, na, ny, nx, no = r.shape
+        ours = inf[0, start:start + na * ny * nx].view(na, ny, nx, no)[..., [0, 1, 4]] / torch.tensor([w, h, 1])
+        start += na * ny * nx
+        theirs = torch.from_numpy(o).view(ny, nx, na, no).permute(2, 0, 1, 3)[..., [0, 1, 4]]
+        worst = max(worst, float((ours - theirs).abs().max()))
+    return worst
+
+
+def real_image():
+    """The first coco128 val image, letterboxed to SIZE (the tensor both runtimes get)."""
+    from utils.datasets import LoadImagesAndLabels
+    ds = LoadImagesAndLabels(os.path.join(COCO128, 'images', 'val2017'), SIZE, 1, augment=False, nc=80)
+    return ds[0][0].unsqueeze(0)
+
+
+def prune_and_tune(sparse, ls, data, images, args, work, percent, steps):
+    """One B row: prune the sparse model at `percent` (`steps` of calibration), write it, fine-tune it."""
+    name = f"tiny-{percent:g}-{'+'.join(steps) or 'beta'}"
+    plan = prune_utils.make_plan(sparse, ls, 'tiny', percent=percent)
+    compact, sec, _ = surgery(sparse, plan, images, steps)
+    cfg, weights = os.path.join(work, name + '.cfg'), os.path.join(work, name + '.weights')
+    write_cfg(cfg, compact.defs)
+    save_weights(compact, weights)
+    pruned_maps = maps(compact, data)
+    summary, out = train_run(work, name + '-ft', cfg, data, weights, args, epochs=args.ft_epochs)
+    tuned = load_model(cfg, os.path.join(out, 'last.weights'))
+    params, bflops = model_info(tuned.defs, SIZE, SIZE)
+    row = {'name': name, 'percent': percent, 'calibration': list(steps), 'params': params,
+           'bflops': round(bflops, 3), 'pruned': pruned_maps, 'finetuned': maps(tuned, data),
+           'surgery_seconds': round(sec, 1), 'finetune_seconds': summary['wall_seconds'],
+           'opencv_max_diff': opencv_max_diff(tuned, cfg, os.path.join(out, 'last.weights'), real_image())}
+    print(f"B: {name}: mAP@0.5 pruned {pruned_maps['mAP50']:.4f} -> fine-tuned {row['finetuned']['mAP50']:.4f}",
+          flush=True)
+    return row, tuned
+
+
+def part_b(model, cfg, weights, data, images, args, work):
+    """(i) dense baseline, (ii) sparse training, (iii)+(iv) prunes with and without calibration, fine-tuned."""
+    from utils.sparsity import gamma_histogram_png
+    dense_sum, dense_dir = train_run(work, 'dense', cfg, data, weights, args)
+    sparse_sum, sparse_dir = train_run(work, 'sparse', cfg, data, weights, args, sr=True, s=args.s, prune=2)
+    dense = load_model(None, os.path.join(dense_dir, 'last.pt'))
+    sparse = load_model(None, os.path.join(sparse_dir, 'last.pt'))
+    ls = prune_utils.get_layer_set(sparse.module_defs, 'tiny')
+    hist = os.path.join(RESULTS, 'real-sparse-gamma-hist.png')
+    gamma_histogram_png(sparse, ls, hist, title=f"yolov3-tiny COCO, -sr --s {args.s:g}, {args.epochs} epochs")
+    out = {'epochs': args.epochs, 'ft_epochs': args.ft_epochs, 'lr0': args.lr0, 's': args.s,
+           'batch_size': args.batch_size, 'original': maps(model, data), 'dense': maps(dense, data),
+           'sparse': maps(sparse, data), 'sparse_gamma': sparsity_stats(sparse, ls),
+           'gamma_hist_png': os.path.relpath(hist, REPO),
+           'seconds': {'dense': dense_sum['wall_seconds'], 'sparse': sparse_sum['wall_seconds']}, 'rows': []}
+    nets = {'original': model, 'dense': dense, 'sparse': sparse}
+    for percent in B_PERCENTS:
+        for steps in ((), tuple(args.b_steps)):
+            row, tuned = prune_and_tune(sparse, ls, data, images, args, work, percent, steps)
+            out['rows'].append(row)
+            nets[row['name']] = tuned
+    lat, _ = latencies(list(nets.values()), (SIZE, SIZE), args.latency_runs, warmup=2)
+    out['latency_ms'] = {k: round(t * 1e3, 2) for k, t in zip(nets, lat)}
+    params0, bflops0 = model_info(model.defs, SIZE, SIZE)
+    out['params_original'], out['bflops_original'] = params0, round(bflops0, 3)
+    return out
+
+
+def table_a(rows):
+    table = [['percent', 'surgery', 'params', 'BFLOPs', 'mAP@0.5', 'mAP@0.5:0.95', 'seconds']]
+    table += [[r['percent'], r['variant'], f"{r['params']:,}", r['bflops'], f"{r['mAP50']:.4f}",
+               f"{r['mAP50_95']:.4f}", r['seconds']] for r in rows]
+    print_table(table, ' A: prune without sparse training (yolov3-tiny COCO, tiny mode) ')
+
+
+def table_b(b):
+    lat = b['latency_ms']
+    table = [['model', 'params', 'BFLOPs', 'mAP@0.5 pruned -> fine-tuned', 'latency ms', 'speedup vs dense']]
+    for key in ('original', 'dense', 'sparse'):
+        table.append([key, f"{b['params_original']:,}", b['bflops_original'], f"{b[key]['mAP50']:.4f}", lat[key],
+                      '1.00x' if key == 'dense' else f"{lat['dense'] / lat[key]:.2f}x"])
+    for r in b['rows']:
+        table.append([r['name'], f"{r['params']:,} ({r['params'] / b['params_original']:.0%})", r['bflops'],
+                      f"{r['pruned']['mAP50']:.4f} -> {r['finetuned']['mAP50']:.4f}", lat[r['name']],
+                      f"{lat['dense'] / lat[r['name']]:.2f}x"])
+    print_table(table, f" B: E={b['epochs']}, F={b['ft_epochs']}, lr0 {b['lr0']}, s {b['s']} ")
+
+
+def main(args):
+    if not (os.path.isdir(MODEL_DIR) and os.path.isdir(COCO128)):
+        print(f"skipped: {MODEL_DIR} or {COCO128} absent (the real-model benchmark needs ../shared)")
+        return 0
+    torch.set_num_threads(args.threads)
+    args.b_steps = tuple(args.b_steps.split(','))
+    load = load_average()
+    cfg, weights = os.path.join(MODEL_DIR, 'yolov3-tiny.cfg'), os.path.join(MODEL_DIR, 'yolov3-tiny.weights')
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work_dir or tmp
+        os.makedirs(work, exist_ok=True)
+        data = write_data(work)
+        model = load_model(cfg, weights)
+        images = calibrate.calibration_images(data, args.calib, SIZE)
+        result = {'calib_images': len(images), 'img_size': SIZE, 'threads': args.threads}
+        t = time.perf_counter()
+        if args.part in ('A', 'all'):
+            result['A'] = {'original': maps(model, data), 'rows': part_a(model, data, images,
+                                                                         args.a_steps.split(','))}
+            result['A']['seconds'] = round(time.perf_counter() - t, 1)
+        if args.part in ('B', 'all'):
+            t = time.perf_counter()
+            result['B'] = part_b(model, cfg, weights, data, images, args, work)
+            result['B']['seconds_total'] = round(time.perf_counter() - t, 1)
+    previous = {}
+    if os.path.isfile(os.path.join(RESULTS, 'real.json')):      # read at the end: parts may run side by side
+        with open(os.path.join(RESULTS, 'real.json')) as f:
+            previous = json.load(f)
+    for part in ('A', 'B'):
+        if part not in result and previous.get(part):
+            result[part] = previous[part]
+            result[f"{part}_from"] = {k: previous.get(k) for k in ('date', 'git_commit', 'calib_images', 'threads')}
+    if result.get('A'):
+        table_a(result['A']['rows'])
+    if result.get('B'):
+        table_b(result['B'])
+    write_result('real', result, load)
+    return 0
+
+
+if __name__ == '__main__':
+    cli_main(main, get_args_parser().parse_args())
