@@ -523,3 +523,26 @@ def test_cli_calib_writes_the_calibrated_model_and_reports_the_beta_fold_beside_
                                                                                 raw_outputs(model, x))
     r = run_cli('tiny_prune.py', '--weights', pt, '--percent', '0.3', '--calib', '5', '--out', tmp_path / 'q')
     assert one_line_error(r) and '--calib 5 needs --data' in r.stderr and not (tmp_path / 'q.cfg').exists()
+
+
+def test_the_library_imports_and_evaluates_from_outside_the_repository(tmp_path):
+    """`import prune_utils` with the repository appended to sys.path and another working directory (where a
+    bare `import test` would find Python's own test package): plan, surgery and evaluation all work."""
+    from data.make_shapes import make_shapes
+    data = make_shapes(tmp_path / 'shapes', n_train=1, n_val=3, img_size=64, seed=3)
+    cfg = write(tmp_path, 't.cfg', mini_tiny(nc=5, width=64, height=64))
+    code = f"""
+import sys
+sys.path.append({str(REPO)!r})
+import prune_utils, models
+from tests.helpers import randomize_
+from utils.evaluate import evaluate
+m = randomize_(models.Darknet({str(cfg)!r}), seed=1).eval()
+ls = prune_utils.get_layer_set(m.module_defs, 'tiny')
+c = prune_utils.compact_model(m, prune_utils.make_plan(m, ls, 'tiny', percent=0.3))
+r = evaluate(c, {str(data)!r}, img_size=64, verbose=False)
+print('images', r['images'], 'channels', sum(d.get('filters', 0) for d in c.module_defs) < sum(d.get('filters', 0) for d in m.module_defs))
+"""
+    r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ['images', '3', 'channels', 'True']

@@ -594,3 +594,34 @@ def test_weights_inside_the_out_dir_are_refused_not_overwritten(tmp_path, shapes
         run_train('--cfg', tiny5, '--data', shapes, '--img-size', 64, '--batch-size', 4, '--workers', 0,
                   '--epochs', 1, '--out-dir', out, '--weights', out / 'best.pt')
     assert (out / 'best.pt').read_bytes() == before
+
+
+def test_results_png_plots_every_epoch_and_tensorboard_is_optional(tmp_path, shapes, tiny5, capsys):
+    """After training, results.png is drawn from results.csv; --tensorboard writes event files when the
+    tensorboard package is installed and says in one line that it is skipped when it is not."""
+    import importlib.util
+    run_train('--cfg', tiny5, '--data', shapes, '--img-size', 64, '--batch-size', 4, '--workers', 0,
+              '--epochs', 2, '--tensorboard', '--out-dir', tmp_path)
+    img = cv2.imread(str(tmp_path / 'results.png'))
+    assert img is not None and img.shape[1] > img.shape[0] > 100      # four panels side by side
+    out = capsys.readouterr().out
+    if importlib.util.find_spec('tensorboard') is None:
+        assert out.count('tensorboard logging skipped: the tensorboard package is not installed') == 1
+        assert not (tmp_path / 'tensorboard').exists()
+    else:
+        assert any(p.name.startswith('events.out.tfevents') for p in (tmp_path / 'tensorboard').iterdir())
+
+
+def test_cfg_training_keys_the_trainer_ignores_are_named_once_with_what_governs_them(tmp_path, shapes, capsys):
+    text = mini_tiny(nc=SHAPES_NC, width=64, height=64).replace(
+        '[net]\n', '[net]\nlearning_rate=0.001\nburn_in=1000\nsteps=400,450\nhue=.1\n', 1)
+    text = text.replace('[yolo]\n', '[yolo]\niou_normalizer=0.07\n')     # every [yolo]: named once all the same
+    cfg = write(tmp_path, 'keys.cfg', text)
+    run_train('--cfg', cfg, '--data', shapes, '--img-size', 64, '--batch-size', 4, '--workers', 0, '--epochs', 1,
+              '--notest', '--out-dir', tmp_path / 'run')
+    out = capsys.readouterr().out
+    assert out.count("cfg training keys not used by this trainer") == 1
+    for key, instead in (('learning_rate', '--lr0'), ('burn_in', '--warmup-epochs'), ('steps', 'cosine'),
+                         ('hue', '--hyp hsv_h='), ('iou_normalizer', '--hyp giou=')):
+        lines = [line for line in out.splitlines() if f"] {key} -> " in line]
+        assert len(lines) == 1 and instead in lines[0] and f"{cfg}:" in lines[0], key
