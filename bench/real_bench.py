@@ -63,6 +63,9 @@ def get_args_parser():
     p.add_argument('--work-dir', help='keep the trained models here (default: a temporary folder)')
     p.add_argument('--a-steps', default=','.join(STEPS), help='part A: which surgery variants to run')
     p.add_argument('--b-steps', default='mean,refit,bn', help='part B: the calibration steps of the calibrated rows')
+    p.add_argument('--b-percents', type=float, nargs='+', default=list(B_PERCENTS), help='part B: prune percents')
+    p.add_argument('--reuse', action='store_true',
+                   help='with --work-dir: reuse trainings whose last.pt is already there (continue a cut run)')
     return p
 
 
@@ -123,6 +126,9 @@ def part_a(model, data, images, variants):
 def train_run(work, name, cfg, data, weights, args, **extra):
     """One training run through the training library; returns (summary, out_dir)."""
     out = os.path.join(work, name)
+    if args.reuse and os.path.isfile(os.path.join(out, 'last.pt')):     # a kept --work-dir run: not retrained
+        print(f"reusing {out}/last.pt", flush=True)
+        return {'wall_seconds': None, 'reused': True}, out
     config = TrainConfig(cfg=cfg, data=data, weights=weights, epochs=extra.pop('epochs', args.epochs),
                          batch_size=args.batch_size, img_size=SIZE, lr0=args.lr0, warmup_epochs=0.5, workers=0,
                          out_dir=out, eval_interval=extra.pop('eval_interval', 1000), cache=True, **extra)
@@ -197,7 +203,7 @@ def part_b(model, cfg, weights, data, images, args, work):
            'gamma_hist_png': os.path.relpath(hist, REPO),
            'seconds': {'dense': dense_sum['wall_seconds'], 'sparse': sparse_sum['wall_seconds']}, 'rows': []}
     nets = {'original': model, 'dense': dense, 'sparse': sparse}
-    for percent in B_PERCENTS:
+    for percent in args.b_percents:
         for steps in ((), tuple(args.b_steps)):
             row, tuned = prune_and_tune(sparse, ls, data, images, args, work, percent, steps)
             out['rows'].append(row)

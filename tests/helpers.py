@@ -158,3 +158,13 @@ def counted_cost(model, height, width):
             h.remove()
         model.train(was_training)
     return sum(p.numel() for p in model.parameters()), sum(flops) / 1e9
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """One intra-op thread for a test file that imports this fixture: on a busy 2-core machine two spinning
+    OpenMP threads make small forwards ~100x slower. Restored after the file."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -16,17 +16,11 @@ from tests.helpers import ANCHORS6, conv, mini_tiny, mini_yolov3, randomize_, yo
 from tests.prune_helpers import max_diff, raw_outputs, sparsify_
 from utils.errors import DarkslimError
 from utils.parse_config import parse_cfg_text
+from tests.helpers import one_thread  # noqa: F401 (autouse: one intra-op thread in this file)
 
 H, W = 64, 96
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """One intra-op thread (a busy 2-core machine); restored after this file."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def build(text, seed=0):

@@ -14,6 +14,7 @@ from tests.prune_helpers import narrow_defs, sparsify_
 from utils.errors import DarkslimError
 from utils.onnx_export import export_onnx
 from utils.parse_config import parse_cfg
+from tests.helpers import one_thread  # noqa: F401 (autouse: one intra-op thread in this file)
 
 onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
@@ -26,12 +27,6 @@ MODELS = {'yolov3': ('cfg', True, 'shortcut'), 'yolov3-spp': ('cfg', True, 'norm
           'yolov3-tiny': ('cfg', False, 'tiny'), 'yolov4-tiny': ('shared', False, 'normal')}
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared 2-core machine: one intra-op thread keeps small forwards fast
-    yield
-    torch.set_num_threads(n)
 
 
 def build(name, pruned, seed=0):

@@ -18,18 +18,13 @@ from tests.test_models import assert_matches_opencv
 from utils.darknet_weights import save_weights
 from utils.parse_config import write_cfg
 from utils.sparsity import BNSparsity
+from tests.helpers import one_thread  # noqa: F401 (autouse: one intra-op thread in this file)
 
 H, W = 96, 128
 V4T = REPO / 'cfg' / 'yolov4-tiny.cfg'
 ANCHORS9 = [(10, 14), (23, 27), (37, 58), (81, 82), (135, 169), (344, 319), (12, 16), (19, 36), (40, 28)]
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def three_head_text(nc=3):

@@ -23,19 +23,13 @@ from tests.test_models import assert_matches_opencv
 from utils.darknet_weights import save_weights
 from utils.errors import DarkslimError, cli_main
 from utils.parse_config import layer_inputs, parse_cfg, write_cfg
+from tests.helpers import one_thread  # noqa: F401 (autouse: one intra-op thread in this file)
 
 H, W = 96, 128            # small, non-square input
 ATOL = 1e-4
 NC = 4                    # not the cfgs' 80
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """One intra-op thread (a busy 2-core machine); restored after this file."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def shortcut(frm, act='linear'):

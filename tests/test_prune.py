@@ -20,6 +20,7 @@ from prune_cli import resolve_inputs
 from prune_utils import compact_model, get_layer_set, loose_model, make_plan, threshold_for_percent
 from tests.helpers import (ANCHORS6, OUR_CFGS, REPO, SHARED_CFGS, conv, counted_cost, mini_tiny, mini_yolov3,
                            randomize_, write, yolo)
+from tests.helpers import one_thread  # noqa: F401 (autouse: one intra-op thread in this file)
 from tests.prune_helpers import max_diff, narrow_defs, one_by_one_cfg, raw_outputs, sparsify_
 from tests.test_models import assert_matches_opencv
 from utils.darknet_weights import save_weights
@@ -35,14 +36,6 @@ STRATEGIES = [('normal', 'normal', None), ('shortcut', 'shortcut', None), ('regu
               ('regular8', 'normal', 8), ('tiny', 'tiny', None)]
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two spinning OpenMP threads make small forwards ~100x
-    slower. Restored after this file."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def has_shortcut(defs):
