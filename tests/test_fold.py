@@ -39,8 +39,8 @@ def centre_tap_fold(conv_, keep_in, const_in):
 def flow_forgetting_shortcut_inputs(real_flow):
     """channel_flow where a [shortcut] adds only the constants of its conv inputs, forgetting the one an earlier
     [shortcut] hands it: the first shortcut of a chain is right, every later one loses the chain's constant."""
-    def flow(model, keep):
-        out = real_flow(model, keep)
+    def flow(model, keep, *args, **kwargs):
+        out = real_flow(model, keep, *args, **kwargs)
         defs = model.module_defs
         for i, d in enumerate(defs):
             if d['type'] == 'shortcut':
