@@ -279,10 +279,10 @@ class RefitOptions:
     rows: per consumer, rows_per_feature x its features sampled output positions, at least min_rows and as
     many as a Gram matrix of gram_macs multiply-adds takes (more rows for convs with few features, where
     they are cheap), at most max_rows and never more than the images have; spread evenly over the images,
-    each image's at seeded random positions.  holdout: share of the images whose error picks the ridge strength from
-    ridge_grid (per output channel with per_channel), shrinking towards the folded weights (shrink_to='fold')
-    or towards 0 ('zero'); the final fit uses all images.  target_mb: memory for the original model's sampled outputs
-    kept at once (consumers are processed in groups that fit)."""
+    each image's at seeded random positions.  holdout: share of the images whose error picks the ridge
+    strength from ridge_grid (per output channel with per_channel), shrinking towards the folded weights
+    (shrink_to='fold') or towards 0 ('zero'); the final fit uses all images.  target_mb: memory for the
+    original model's sampled outputs kept at once (consumers are processed in groups that fit)."""
     batch: int = 8
     rows_per_feature: int = 16
     min_rows: int = 4096
@@ -487,14 +487,18 @@ def refit_consumers(original, compact, plan, images, options=None, verbose=True)
     held-out images (RefitOptions).  An output channel whose refit does not beat its folded weights on the
     held-out images keeps them.  Returns a RefitRow per refit conv."""
     opt = options or RefitOptions()
+    if opt.shrink_to not in ('fold', 'zero'):
+        raise DarkslimError(f"refit shrink_to {opt.shrink_to!r}; expected 'fold' or 'zero'")
+    if not 0 <= opt.holdout < 1:
+        raise DarkslimError(f"refit holdout {opt.holdout}; expected a share in [0, 1)")
     consumers = _consumers(original, compact, plan)
     n = _count(images)
     if not consumers or n == 0:
         return []
-    first = next(_batches(images, 1, _device(original)))[:1]
-    _plan_rows(consumers, _output_sizes(original, [c.layer for c in consumers], first), n, opt)
     n_hold = min(n - 1, max(1, round(opt.holdout * n))) if opt.holdout > 0 and n > 1 else 0
     hold = set(torch.randperm(n, generator=torch.Generator().manual_seed(opt.seed))[:n_hold].tolist())
+    first = next(_batches(images, 1, _device(original)))[:1]
+    _plan_rows(consumers, _output_sizes(original, [c.layer for c in consumers], first), n, opt)
     rows = []
     for group in _groups(consumers, n, opt.target_mb):
         targets = _original_targets(original, group, images, opt)

@@ -78,13 +78,16 @@ def affine_model(with_3x3=True, offset=0.0, r=3, k1=0, k2=2, a=0.7, b=-1.3):
     return model
 
 
-@pytest.mark.parametrize('with_3x3, offset', [(True, 0.0), (False, 0.8)], ids=['1x1+3x3', '1x1-offset'])
-def test_refit_recovers_an_exactly_reconstructible_pruned_channel(with_3x3, offset):
+@pytest.mark.parametrize('with_3x3, offset, shrink_to',
+                         [(True, 0.0, 'fold'), (False, 0.8, 'fold'), (True, 0.0, 'zero')],
+                         ids=['1x1+3x3', '1x1-offset', '1x1+3x3-shrink-to-zero'])
+def test_refit_recovers_an_exactly_reconstructible_pruned_channel(with_3x3, offset, shrink_to):
     model = affine_model(with_3x3, offset)
     plan = make_plan(model, get_layer_set(model.module_defs, 'tiny'), 'tiny', threshold=0.75)
     assert {i: int((~k).sum()) for i, k in plan.keep.items() if (~k).any()} == {0: 1}      # only A's r goes
     calib, new = rand_images(16, 1, 32, 32), rand_images(4, 2, 32, 32)
-    refit, report = calibrated_compact(model, plan, calib, steps=('refit',), verbose=False)
+    refit, report = calibrated_compact(model, plan, calib, steps=('refit',), refit=RefitOptions(shrink_to=shrink_to),
+                                       verbose=False)
     assert [(r.layer, r.kernel) for r in report.refit] == [(1, '1x1'), (5, '3x3')][:1 + with_3x3]
     assert max_diff(raw_outputs(refit, new), raw_outputs(model, new)) < 1e-4
     fold, _ = calibrated_compact(model, plan, calib, steps=(), verbose=False)
@@ -329,6 +332,8 @@ def test_unknown_step_or_bn_layers_is_refused():
         calibrated_compact(model, plan, rand_images(2, 0), steps=('mean', 'refti'))
     with pytest.raises(DarkslimError, match=r"bn_layers 'some'; expected 'affected' or 'all'"):
         calibrated_compact(model, plan, rand_images(2, 0), bn_layers='some')
+    with pytest.raises(DarkslimError, match=r"refit shrink_to 'one'; expected 'fold' or 'zero'"):
+        calibrated_compact(model, plan, rand_images(2, 0), refit=RefitOptions(shrink_to='one'))
 
 
 def test_no_steps_is_the_beta_fold():
