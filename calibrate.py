@@ -14,7 +14,8 @@ train split of a .data file) three repairs, each optional, run in this order:
    ridge shrinks towards the folded weights (not towards 0), its strength chosen per output channel on
    held-out images: with few images per feature a refit then stays near the weights the model was trained
    with instead of overfitting.
-3. 'bn':    the compact model's BatchNorm running mean/var re-estimated on the images.
+3. 'bn':    the BatchNorm running mean/var of the convs the prune affects (affected_layers) re-estimated on
+   the images; the others keep the statistics they were trained with.
 
     images = calibration_images('data/coco.data', 128, 416)
     compact, report = calibrated_compact(model, plan, images, steps=('mean', 'refit', 'bn'))
