@@ -10,8 +10,12 @@ train split of a .data file) three repairs, each optional, run in this order:
 2. 'refit': every conv that lost input channels is refit, in forward order, by ridge least squares on
    sampled output positions: its weights on the kept inputs plus an offset, so that its raw output (before BN)
    in the compact model matches the original model's (He et al. 2017, "Channel pruning"; ThiNet).  The inputs
-   are taken from the compact model with earlier consumers already refit, so errors do not compound.
-3. 'bn':    the compact model's BatchNorm running mean/var re-estimated on the images.
+   are taken from the compact model with earlier consumers already refit, so errors do not compound.  The
+   ridge shrinks towards the folded weights (not towards 0), its strength chosen per output channel on
+   held-out images: with few images per feature a refit then stays near the weights the model was trained
+   with instead of overfitting.
+3. 'bn':    the BatchNorm running mean/var of the convs the prune affects (affected_layers) re-estimated on
+   the images; the others keep the statistics they were trained with.
 
     images = calibration_images('data/coco.data', 128, 416)
     compact, report = calibrated_compact(model, plan, images, steps=('mean', 'refit', 'bn'))
@@ -273,16 +277,18 @@ def _output_sizes(model, layers, image):
 class RefitOptions:
     """How refit_consumers samples and solves.
 
-    rows: per consumer, rows_per_feature x its features sampled output positions, at least min_rows and at
-    most max_rows (and never more than the images have), spread evenly over the images, each image's at
-    seeded random positions.  holdout: share of the images whose error picks the ridge strength from
-    ridge_grid (per output channel with per_channel), shrinking towards the folded weights (shrink_to='fold')
-    or towards 0 ('zero'); the final fit uses all images.  target_mb: memory for the original model's sampled outputs
-    kept at once (consumers are processed in groups that fit)."""
+    rows: per consumer, rows_per_feature x its features sampled output positions, at least min_rows and as
+    many as a Gram matrix of gram_macs multiply-adds takes (more rows for convs with few features, where
+    they are cheap), at most max_rows and never more than the images have; spread evenly over the images,
+    each image's at seeded random positions.  holdout: share of the images whose error picks the ridge
+    strength from ridge_grid (per output channel with per_channel), shrinking towards the folded weights
+    (shrink_to='fold') or towards 0 ('zero'); the final fit uses all images.  target_mb: memory for the
+    original model's sampled outputs kept at once (consumers are processed in groups that fit)."""
     batch: int = 8
     rows_per_feature: int = 16
     min_rows: int = 4096
-    max_rows: int = 131072
+    max_rows: int = 262144
+    gram_macs: float = 2e10
     holdout: float = 0.2
     ridge_grid: tuple = RIDGE_GRID
     shrink_to: str = 'fold'
@@ -294,7 +300,8 @@ class RefitOptions:
 def _plan_rows(consumers, sizes, n_images, opt):
     """Set each consumer's positions per image from its output size and the options."""
     for c in consumers:
-        want = min(max(opt.rows_per_feature * c.features, opt.min_rows), opt.max_rows)
+        cheap = opt.gram_macs / c.features ** 2     # rows whose Gram update costs gram_macs multiply-adds
+        want = min(max(opt.rows_per_feature * c.features, opt.min_rows, cheap), opt.max_rows)
         c.per_image = max(1, min(sizes[c.layer], math.ceil(want / n_images)))
 
 
@@ -481,14 +488,18 @@ def refit_consumers(original, compact, plan, images, options=None, verbose=True)
     held-out images (RefitOptions).  An output channel whose refit does not beat its folded weights on the
     held-out images keeps them.  Returns a RefitRow per refit conv."""
     opt = options or RefitOptions()
+    if opt.shrink_to not in ('fold', 'zero'):
+        raise DarkslimError(f"refit shrink_to {opt.shrink_to!r}; expected 'fold' or 'zero'")
+    if not 0 <= opt.holdout < 1:
+        raise DarkslimError(f"refit holdout {opt.holdout}; expected a share in [0, 1)")
     consumers = _consumers(original, compact, plan)
     n = _count(images)
     if not consumers or n == 0:
         return []
-    first = next(_batches(images, 1, _device(original)))[:1]
-    _plan_rows(consumers, _output_sizes(original, [c.layer for c in consumers], first), n, opt)
     n_hold = min(n - 1, max(1, round(opt.holdout * n))) if opt.holdout > 0 and n > 1 else 0
     hold = set(torch.randperm(n, generator=torch.Generator().manual_seed(opt.seed))[:n_hold].tolist())
+    first = next(_batches(images, 1, _device(original)))[:1]
+    _plan_rows(consumers, _output_sizes(original, [c.layer for c in consumers], first), n, opt)
     rows = []
     for group in _groups(consumers, n, opt.target_mb):
         targets = _original_targets(original, group, images, opt)
@@ -501,14 +512,33 @@ def refit_consumers(original, compact, plan, images, options=None, verbose=True)
 
 # --- step 3: BatchNorm recalibration ----------------------------------------------------------------------------
 
-def recalibrate_bn(model, images, batch=8):
-    """Re-estimate every BatchNorm's running mean and (biased) variance on `images`, in place.
+def affected_layers(model, plan):
+    """Conv layers whose input the prune changes: the consumers of removed channels and every conv after them
+    in the graph (through route/shortcut/maxpool/upsample); the others see exactly the original inputs."""
+    flow = channel_flow(model, plan.keep)
+    changed = []                                    # per layer: does its output differ from the original's?
+    for i, d in enumerate(model.module_defs):
+        ins = model.inputs[i] if d['type'] in ('route', 'shortcut') else [i - 1] if i else []
+        fed = any(changed[j] for j in ins) or (d['type'] == 'convolutional' and i > 0
+                                               and not bool(flow[i - 1][0].all()))
+        changed.append(fed)
+    return [i for i, d in enumerate(model.module_defs) if d['type'] == 'convolutional' and changed[i]]
 
-    One pass with the BatchNorms in train mode (each normalizes by its batch's statistics, as in training;
+
+def recalibrate_bn(model, images, batch=8, layers=None):
+    """Re-estimate the BatchNorm running mean and (biased) variance of conv `layers` (None: every BN) on
+    `images`, in place.
+
+    One pass with those BatchNorms in train mode (each normalizes by its batch's statistics, as in training;
     nothing else changes mode, no gradients); each BN's input moments are accumulated exactly over all
     images and positions (per-batch moments combined in float64), so with a single batch the result is the
     images' exact statistics.  Modes, momentum and num_batches_tracked are restored after."""
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    if layers is None:
+        bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    else:
+        _check_convs(model, layers)
+        bns = [model.module_list[i][1] for i in sorted(set(layers))
+               if isinstance(model.module_list[i][1], nn.BatchNorm2d)]
     saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
     moments = {}                                     # bn -> (count, mean [C], M2 [C]) float64
 
@@ -555,13 +585,18 @@ class CalibrationReport:
     refit: list = field(default_factory=list)
 
 
-def calibrated_compact(model, plan, images, steps=DEFAULT_STEPS, batch=8, refit=None, verbose=True):
+def calibrated_compact(model, plan, images, steps=DEFAULT_STEPS, batch=8, refit=None, bn_layers='affected',
+                       verbose=True):
     """(compact model, CalibrationReport): prune_utils' compact model of `plan` with the chosen calibration
     `steps` (any of 'mean', 'refit', 'bn', run in that order; () = the plain beta fold) on `images`
-    [N, 3, S, S] (or a list of batches), on `model`'s device.  `refit`: RefitOptions.  `model` is unchanged."""
+    [N, 3, S, S] (or a list of batches), on `model`'s device.  `refit`: RefitOptions.  bn_layers: 'affected'
+    (the BNs of affected_layers; the others keep the statistics they were trained with) or 'all'.  `model`
+    is unchanged."""
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
         raise DarkslimError(f"calibration steps {list(steps)}: unknown {unknown}; expected any of {list(STEPS)}")
+    if bn_layers not in ('affected', 'all'):
+        raise DarkslimError(f"bn_layers {bn_layers!r}; expected 'affected' or 'all'")
     report = CalibrationReport(tuple(s for s in STEPS if s in steps), _count(images))
     dev = _device(model)
     t0 = time.perf_counter()
@@ -575,6 +610,6 @@ def calibrated_compact(model, plan, images, steps=DEFAULT_STEPS, batch=8, refit=
         report.seconds['refit'] = time.perf_counter() - t0
     if 'bn' in steps:
         t0 = time.perf_counter()
-        recalibrate_bn(compact, images, batch)
+        recalibrate_bn(compact, images, batch, affected_layers(model, plan) if bn_layers == 'affected' else None)
         report.seconds['bn'] = time.perf_counter() - t0
     return compact, report

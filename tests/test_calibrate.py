@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from calibrate import (RefitOptions, calibrated_compact, calibration_files, calibration_images, mean_activations,
-                       recalibrate_bn, ridge_solve)
+from calibrate import (RefitOptions, affected_layers, calibrated_compact, calibration_files, calibration_images,
+                       mean_activations, recalibrate_bn, ridge_solve)
 from models import BN_EPS, BN_MOMENTUM, Darknet
-from prune_utils import compact_model, get_layer_set, make_plan
+from prune_utils import compact_model, get_layer_set, loose_model, make_plan
 from tests.helpers import ANCHORS6, conv, mini_tiny, mini_yolov3, randomize_, yolo
 from tests.prune_helpers import max_diff, raw_outputs, sparsify_
 from utils.errors import DarkslimError
@@ -72,13 +72,16 @@ def affine_model(with_3x3=True, offset=0.0, r=3, k1=0, k2=2, a=0.7, b=-1.3):
     return model
 
 
-@pytest.mark.parametrize('with_3x3, offset', [(True, 0.0), (False, 0.8)], ids=['1x1+3x3', '1x1-offset'])
-def test_refit_recovers_an_exactly_reconstructible_pruned_channel(with_3x3, offset):
+@pytest.mark.parametrize('with_3x3, offset, shrink_to',
+                         [(True, 0.0, 'fold'), (False, 0.8, 'fold'), (True, 0.0, 'zero')],
+                         ids=['1x1+3x3', '1x1-offset', '1x1+3x3-shrink-to-zero'])
+def test_refit_recovers_an_exactly_reconstructible_pruned_channel(with_3x3, offset, shrink_to):
     model = affine_model(with_3x3, offset)
     plan = make_plan(model, get_layer_set(model.module_defs, 'tiny'), 'tiny', threshold=0.75)
     assert {i: int((~k).sum()) for i, k in plan.keep.items() if (~k).any()} == {0: 1}      # only A's r goes
     calib, new = rand_images(16, 1, 32, 32), rand_images(4, 2, 32, 32)
-    refit, report = calibrated_compact(model, plan, calib, steps=('refit',), verbose=False)
+    refit, report = calibrated_compact(model, plan, calib, steps=('refit',), refit=RefitOptions(shrink_to=shrink_to),
+                                       verbose=False)
     assert [(r.layer, r.kernel) for r in report.refit] == [(1, '1x1'), (5, '3x3')][:1 + with_3x3]
     assert max_diff(raw_outputs(refit, new), raw_outputs(model, new)) < 1e-4
     fold, _ = calibrated_compact(model, plan, calib, steps=(), verbose=False)
@@ -97,6 +100,12 @@ def test_ridge_solve_is_least_squares_with_an_unpenalized_offset():
     heavy = ridge_solve(a.T @ a, a.T @ y, 1e9)                   # weights shrink to 0, the offset to mean(Y)
     np.testing.assert_allclose(heavy[:-1].numpy(), 0, atol=1e-6)
     np.testing.assert_allclose(heavy[-1].numpy(), y.mean(0).numpy(), atol=1e-6)
+    prior = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    held = ridge_solve(a.T @ a, a.T @ y, 1e9, prior)             # weights stay at the prior, the offset absorbs
+    np.testing.assert_allclose(held[:-1].numpy(), prior[:-1].numpy(), atol=1e-6)
+    np.testing.assert_allclose(held[-1].numpy(), (y - x @ prior[:-1]).mean(0).numpy(), atol=1e-6)
+    light = ridge_solve(a.T @ a, a.T @ y, 1e-12, prior)          # no shrinkage: least squares again
+    np.testing.assert_allclose(light.numpy(), ref, atol=1e-8)
 
 
 def consumers_by_shape(original, compact):
@@ -223,6 +232,46 @@ def test_recalibrate_bn_in_batches_combines_moments_of_one_layer_exactly():
     np.testing.assert_allclose(bn.running_var.numpy(), v.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_recalibrate_bn_of_chosen_layers_leaves_the_others():
+    model = build(mini_yolov3())
+    images = rand_images(4, 12)
+    last = max(i for i, d in enumerate(model.module_defs) if d['type'] == 'convolutional' and d['batch_normalize'])
+    bn = model.module_list[last][1]
+    seen = []
+    h = bn.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].double()))
+    with torch.no_grad():
+        model(images)                               # eval: every other BN uses its own statistics
+    h.remove()
+    others = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(f"module_list.{last}.")}
+    recalibrate_bn(model, images, batch=3, layers=[last])
+    np.testing.assert_allclose(bn.running_mean.numpy(), seen[0].mean((0, 2, 3)).numpy(), atol=1e-5)
+    np.testing.assert_allclose(bn.running_var.numpy(), seen[0].var((0, 2, 3), unbiased=False).numpy(), rtol=1e-4)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in others.items())
+
+
+def conv_outputs(model, x):
+    """{conv layer: raw conv output (before BN)}."""
+    out = {}
+    hooks = [model.module_list[i][0].register_forward_hook(lambda m, inp, o, i=i: out.__setitem__(i, o))
+             for i, d in enumerate(model.module_defs) if d['type'] == 'convolutional']
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return out
+
+
+@pytest.mark.parametrize('text, mode', [(mini_yolov3(), 'shortcut'), (mini_yolov3(), 'normal'), (mini_tiny(), 'tiny')])
+def test_affected_layers_are_the_convs_whose_input_the_prune_changes(text, mode):
+    model = build(text)
+    plan = make_plan(model, get_layer_set(model.module_defs, mode), mode, percent=0.2)
+    x = rand_images(1, 13)
+    ref, loose = conv_outputs(model, x), conv_outputs(loose_model(model, plan), x)
+    changed = [i for i in ref if not torch.allclose(ref[i], loose[i], atol=1e-6)]
+    assert affected_layers(model, plan) == changed
+    assert len(changed) < len(ref)                   # some convs (the first) are untouched
+
+
 # --- calibration images -----------------------------------------------------------------------------------------
 
 def image_set(tmp_path):
@@ -270,11 +319,15 @@ def test_calibration_files_subset_is_seeded_and_in_file_order(tmp_path):
         calibration_files(data, 0)
 
 
-def test_unknown_step_is_refused():
+def test_unknown_step_or_bn_layers_is_refused():
     model = build(mini_tiny())
     plan = make_plan(model, get_layer_set(model.module_defs, 'tiny'), 'tiny', percent=0.2)
     with pytest.raises(DarkslimError, match=r"unknown \['refti'\]; expected any of \['mean', 'refit', 'bn'\]"):
         calibrated_compact(model, plan, rand_images(2, 0), steps=('mean', 'refti'))
+    with pytest.raises(DarkslimError, match=r"bn_layers 'some'; expected 'affected' or 'all'"):
+        calibrated_compact(model, plan, rand_images(2, 0), bn_layers='some')
+    with pytest.raises(DarkslimError, match=r"refit shrink_to 'one'; expected 'fold' or 'zero'"):
+        calibrated_compact(model, plan, rand_images(2, 0), refit=RefitOptions(shrink_to='one'))
 
 
 def test_no_steps_is_the_beta_fold():
@@ -289,6 +342,6 @@ def test_no_steps_is_the_beta_fold():
 def test_refit_options_bound_the_rows():
     model = build(mini_tiny())
     plan = make_plan(model, get_layer_set(model.module_defs, 'tiny'), 'tiny', percent=0.3)
-    opts = RefitOptions(rows_per_feature=1, min_rows=50, max_rows=100)
+    opts = RefitOptions(rows_per_feature=1, min_rows=50, max_rows=100, gram_macs=0)
     _, report = calibrated_compact(model, plan, rand_images(5, 2), steps=('refit',), refit=opts, verbose=False)
     assert report.refit and all(50 <= r.rows <= 100 for r in report.refit)
