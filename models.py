@@ -111,7 +111,7 @@ class YOLOLayer(nn.Module):
       default:        xy = (sigmoid(t)*s - (s-1)/2 + grid) * stride, wh = exp(t) * anchor, obj/cls = sigmoid(t)
       new_coords=1:   the head conv is logistic-activated already (scaled-YOLOv4), so with p the raw output
                       xy = (p*s - (s-1)/2 + grid) * stride, wh = (2p)^2 * anchor, obj/cls = p.
-    Training a new_coords head is refused (`where` names its cfg line): the loss decodes with the default rule.
+    utils.loss decodes and scores both kinds the same way (new_coords: BCE on the probabilities p).
     """
 
     def __init__(self, anchors, nc, scale_x_y=1.0, new_coords=False, where='[yolo]'):
@@ -128,9 +128,6 @@ class YOLOLayer(nn.Module):
         b, _, ny, nx = p.shape
         p = p.view(b, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
         if self.training:
-            if self.new_coords and torch.is_grad_enabled():
-                raise DarkslimError(f"{self.where}: training a [yolo] new_coords=1 head is not supported; the "
-                                    "loss decodes boxes with sigmoid/exp (new_coords=0)")
             return p, None
         stride = torch.tensor([img_hw[1] / nx, img_hw[0] / ny], device=p.device, dtype=p.dtype)
         if self.grid is None or self.grid.shape[2:4] != (ny, nx) or self.grid.device != p.device:

@@ -387,9 +387,66 @@ def test_new_coords_needs_a_logistic_head(tmp_path):
     assert 'new_coords=1' in msg and 'expected activation=logistic' in msg
 
 
-def test_training_a_new_coords_head_is_refused_until_the_loss_supports_it(tmp_path):
-    model = Darknet(write(tmp_path, 'csp.cfg', new_coords_cfg())).train()
-    with pytest.raises(DarkslimError, match='new_coords=1'):
-        model(torch.zeros(1, 3, 64, 96))
-    with torch.no_grad():                      # raw outputs without gradients (e.g. timing) stay available
-        assert len(model(torch.zeros(1, 3, 64, 96))) == 2
+def new_coords_targets():
+    """[N, 6] (image, class, cx, cy, w, h) targets for the 96 x 64 input of new_coords_cfg."""
+    return torch.tensor([[0, 0, 0.30, 0.40, 0.20, 0.30], [0, 1, 0.70, 0.60, 0.40, 0.50],
+                         [1, 1, 0.50, 0.50, 0.10, 0.15]])
+
+
+def test_new_coords_loss_decodes_boxes_as_the_model_does(tmp_path):
+    """Two routes to the same boxes: the loss's decode (grid units) + grid, times the stride, equals the eval
+    decode of models.YOLOLayer (which test_new_coords_decode_equals_opencv checks against OpenCV)."""
+    from utils.loss import decode_xywh
+    model = randomize_(Darknet(write(tmp_path, 'csp.cfg', new_coords_cfg())), seed=8).eval()
+    with torch.no_grad():
+        inf, raw = model(torch.rand(1, 3, 64, 96))
+    start = 0
+    for r, i in zip(raw, model.yolo_layers):
+        head = model.module_list[i]
+        _, na, ny, nx, _ = r.shape
+        stride = torch.tensor([96 / nx, 64 / ny])
+        yv, xv = torch.meshgrid(torch.arange(ny), torch.arange(nx), indexing='ij')
+        grid = torch.stack((xv, yv), 2).view(1, ny, nx, 2).float()
+        box = decode_xywh(r[0], head, (head.anchors / stride).view(na, 1, 1, 2))
+        expected = torch.cat(((box[..., :2] + grid) * stride, box[..., 2:] * stride), -1).reshape(-1, 4)
+        assert torch.allclose(inf[0, start:start + na * ny * nx, :4], expected, atol=1e-4)
+        start += na * ny * nx
+
+
+def test_new_coords_objectness_and_class_loss_equal_the_logit_route(tmp_path):
+    """A new_coords head outputs p = sigmoid(z) of the same conv output z a default head outputs: with darknet's
+    objectness target 1 (gr=0) and no ignore rule, BCE on p equals BCE with logits on z, term by term."""
+    from utils.loss import compute_loss
+    csp = new_coords_cfg().replace('[yolo]', '[yolo]\nignore_thresh=1')
+    plain = csp.replace('activation=logistic', 'activation=linear').replace('new_coords=1', 'new_coords=0')
+    a = randomize_(Darknet(write(tmp_path, 'a.cfg', csp)), seed=9).train()
+    b = Darknet(write(tmp_path, 'b.cfg', plain)).train()
+    b.load_state_dict(a.state_dict())
+    x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(3))
+    ra, rb = a(x), b(x)
+    assert torch.allclose(ra[0], torch.sigmoid(rb[0]), atol=1e-6)
+    _, ia = compute_loss(ra, new_coords_targets(), a, hyp={'gr': 0.0}, img_hw=(64, 96))
+    _, ib = compute_loss(rb, new_coords_targets(), b, hyp={'gr': 0.0}, img_hw=(64, 96))
+    assert ia[1] > 0.1 and ia[2] > 0.1                                   # obj and cls terms are not trivial
+    assert torch.allclose(ia[1:3], ib[1:3], rtol=1e-4)
+    assert not torch.isclose(ia[0], ib[0])                               # while the boxes decode differently
+
+
+def test_a_new_coords_model_trains(tmp_path):
+    """Gradients flow through the probability-space loss: 40 SGD steps on one batch lower the loss and every
+    term, with finite gradients."""
+    from utils.loss import compute_loss
+    torch.manual_seed(0)
+    model = randomize_(Darknet(write(tmp_path, 'csp.cfg', new_coords_cfg())), seed=10).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(4))
+    items = []
+    for _ in range(40):
+        loss, it = compute_loss(model(x), new_coords_targets(), model, img_hw=(64, 96))
+        opt.zero_grad()
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        opt.step()
+        items.append(it)
+    assert items[-1][3] < 0.5 * items[0][3]
+    assert (items[-1][:3] < items[0][:3]).all()

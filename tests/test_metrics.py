@@ -421,7 +421,8 @@ def test_coco_json_written_atomically_with_original_pixels(tmp_path):
     path = tmp_path / 'out' / 'dets.json'
     write_coco_json(path, entries)
     assert json.loads(path.read_text()) == [{'image_id': 3, 'file_name': 'images/a.jpg', 'category_id': 2,
-                                             'bbox': [10.0, 20.0, 30.0, 40.0], 'score': 0.87654}]
+                                             'bbox': [10.0, 20.0, 30.0, 40.0],
+                                             'score': float(np.float32(0.87654321))}]  # the score as computed
     assert [p.name for p in path.parent.iterdir()] == ['dets.json']  # no temp file left behind
     assert coco_json_detections(dets, 0, 'a.jpg', class_map=[1, 2, 3])[0]['category_id'] == 3
 

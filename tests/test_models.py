@@ -95,12 +95,13 @@ def opencv_yolo_outputs(cfg, weights, x):
 OPENCV_CLASS_THRESH = 0.2  # OpenCV's region layer zeroes obj*cls scores under this (darknet's -thresh default)
 
 
-def assert_matches_opencv(model, cfg, tmp_path, h, w, tol=2e-3):
-    """Our decoded output mapped to darknet's yolo output space (x, y, w, h / input size; obj; obj*cls)
-    equals OpenCV's. w, h = exp(t)*anchor are compared as log ratios (i.e. in t), since exp turns the
-    BN-eps residue (1e-5 vs 1e-6) into a relative error. Returns the max difference."""
-    weights = save_weights(model, tmp_path / 'w.weights')
-    x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(1))
+def opencv_max_diff(model, cfg, weights, x, tol=2e-3):
+    """Largest difference between our decoded output for input x [1, 3, h, w], mapped to darknet's yolo output
+    space (x, y, w, h / input size; obj; obj*cls), and OpenCV's for the files cfg + weights. w, h =
+    exp(t)*anchor are compared as log ratios (i.e. in t), since exp turns the BN-eps residue (1e-5 vs 1e-6) into
+    a relative error; class scores where OpenCV kept them (where it zeroed one, ours must be under its
+    threshold, within tol)."""
+    h, w = x.shape[-2:]
     with torch.no_grad():
         inf, raw = model.eval()(x)
     ref = opencv_yolo_outputs(cfg, weights, x)
@@ -118,9 +119,17 @@ def assert_matches_opencv(model, cfg, tmp_path, h, w, tol=2e-3):
         d_wh = (ours[..., 2:4].log() - theirs[..., 2:4].log()).abs().max()
         kept = theirs[..., 5:] > 0
         d_cls = (ours[..., 5:][kept] - theirs[..., 5:][kept]).abs().max() if kept.any() else torch.tensor(0.)
-        # where OpenCV zeroed a score ours must be under its threshold (within tol)
         assert (ours[..., 5:][~kept] < OPENCV_CLASS_THRESH + tol).all()
         worst = max(worst, d_xy_obj.item(), d_wh.item(), d_cls.item())
+    return worst
+
+
+def assert_matches_opencv(model, cfg, tmp_path, h, w, tol=2e-3):
+    """Our model (its weights written here) equals OpenCV's import of cfg + those weights on a random h x w
+    input, within tol (see opencv_max_diff). Returns the max difference."""
+    weights = save_weights(model, tmp_path / 'w.weights')
+    x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(1))
+    worst = opencv_max_diff(model, cfg, weights, x, tol)
     assert worst < tol
     return worst
 

@@ -539,3 +539,55 @@ print('images', r['images'], 'channels', sum(d.get('filters', 0) for d in c.modu
     r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ['images', '3', 'channels', 'True']
+
+
+# --- a yolov4-csp-shaped network: mish, CSP splits, SPP, [yolo] new_coords=1 heads ---------------------------------
+
+def csp_cfg(nc=3):
+    """yolov4-csp.cfg's building blocks at toy width (96 x 128 input): mish convs, a CSP block (route -2 split,
+    a residual, concatenation of both parts), SPP maxpools, logistic head convs and new_coords=1 heads."""
+    m = 'mish'
+    s = "[net]\nwidth=128\nheight=96\nchannels=3\n"
+    s += conv(8, 3, 1, act=m) + conv(16, 3, 2, act=m)                      # 0 1        /2
+    s += conv(8, 1, act=m) + "[route]\nlayers=-2\n" + conv(8, 1, act=m)    # 2 3 4      CSP: part A, part B
+    s += conv(8, 1, act=m) + conv(8, 3, act=m) + "[shortcut]\nfrom=-3\nactivation=linear\n"  # 5 6 7
+    s += conv(8, 1, act=m) + "[route]\nlayers=-1,-7\n" + conv(16, 1, act=m)  # 8 9 10     transition
+    s += conv(32, 3, 2, act=m) + conv(16, 1, act='leaky')                   # 11 12      /4
+    s += "[maxpool]\nsize=5\nstride=1\n[route]\nlayers=-2\n[maxpool]\nsize=9\nstride=1\n"  # 13 14 15  SPP
+    s += "[route]\nlayers=-1,-3,-4\n" + conv(16, 1, act=m)                  # 16 17
+    s += conv(3 * (nc + 5), 1, bn=0, act='logistic')                        # 18
+    s += yolo([3, 4, 5], ANCHORS6, nc) + "scale_x_y=2.0\nnew_coords=1\n"   # 19
+    s += "[route]\nlayers=-3\n" + conv(8, 1, act=m) + "[upsample]\nstride=2\n"  # 20 21 22
+    s += "[route]\nlayers=-1,10\n" + conv(16, 3, act=m)                      # 23 24     /2
+    s += conv(3 * (nc + 5), 1, bn=0, act='logistic')                        # 25
+    s += yolo([0, 1, 2], ANCHORS6, nc) + "scale_x_y=2.0\nnew_coords=1\n"   # 26
+    return s
+
+
+@pytest.mark.parametrize('mode', ['normal', 'shortcut'])
+def test_csp_shaped_zero_channels_keep_outputs(mode, tmp_path):
+    model = randomize_(Darknet(write(tmp_path, 'csp.cfg', csp_cfg())), seed=21).eval()
+    ls = get_layer_set(model.module_defs, mode)
+    assert {2, 5, 8, 10, 17, 24} <= set(ls.prunable) and 18 not in ls.prunable    # 18: the logistic head
+    # the residual [shortcut] 7 couples 4 and 6: one group in shortcut mode, left whole in normal mode
+    assert ls.groups == [[4, 6]] if mode == 'shortcut' else {4, 6} <= set(ls.excluded)
+    sparsify_(model, ls, share=0.4, seed=22, beta=0.0)
+    _, plan, loose, compact = prune(model, mode, threshold=0.25)
+    assert all(k.any() for k in plan.keep.values()) and plan.removed_share > 0.2
+    x = image(5)
+    assert max_diff(raw_outputs(compact, x), raw_outputs(model, x)) < ATOL
+    assert max_diff(raw_outputs(compact, x), raw_outputs(loose, x)) < ATOL
+
+
+def test_csp_shaped_prune_with_live_beta_equals_loose_and_opencv(tmp_path):
+    model = randomize_(Darknet(write(tmp_path, 'csp.cfg', csp_cfg())), seed=23).eval()
+    with torch.no_grad():              # beta far from 0: removed mish channels carry constants into routes and SPP
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.bias.normal_(0, 1, generator=torch.Generator().manual_seed(m.num_features))
+    _, plan, loose, compact = prune(model, 'shortcut', percent=0.5, min_keep=1)
+    assert plan.removed_share > 0.2
+    x = image(6)
+    assert max_diff(raw_outputs(compact, x), raw_outputs(loose, x)) < ATOL
+    cfg = write_cfg(tmp_path / 'compact.cfg', compact.defs)
+    assert_matches_opencv(compact, cfg, tmp_path, H, W)

@@ -15,6 +15,9 @@ Design (what is computed, and where it differs from darknet or ultralytics-v3):
   averaged over the layer's assignments. Decoding as models.YOLOLayer: xy = sigmoid(t)*s - (s-1)/2 (s =
   the layer's scale_x_y), wh = exp(t) * anchor / stride; anchors are the YOLOLayer's `.anchors` buffer
   (pixels), stride = input size / feature-map size, so multi-scale input sizes need no change.
+- `[yolo] new_coords=1` heads (scaled-YOLOv4): the head conv is logistic already, so its output p is used as
+  the probability itself: xy = p*s - (s-1)/2, wh = (2p)^2 * anchor / stride, and objectness/class BCE on p
+  (not on sigmoid(p)); everything else is as above.
 - Objectness: BCE over all cells, averaged over the layer's cells. Positive cells have target
   (1 - gr) + gr * clamp(GIoU, 0) (hyp['gr'] = 1: ultralytics-v3's choice, so objectness also ranks boxes by
   localisation quality, which mAP@0.5:0.95 rewards; gr = 0 gives darknet's target 1). Negative cells whose
@@ -94,6 +97,26 @@ def build_targets(raw, targets, model, hyp=None, img_hw=None):
     return out
 
 
+def decode_xywh(p, head, anchors):
+    """Box centre offsets and sizes [..., 4] in grid units from raw head outputs p [..., >= 4] (anchors [..., 2]
+    in grid units, broadcastable), by the head's rule: default sigmoid/exp, new_coords=1 p*s and (2p)^2."""
+    s = head.scale_x_y
+    if head.new_coords:
+        return torch.cat((p[..., :2] * s - (s - 1) / 2, (2 * p[..., 2:4]) ** 2 * anchors), -1)
+    return torch.cat((torch.sigmoid(p[..., :2]) * s - (s - 1) / 2,
+                      torch.exp(p[..., 2:4].clamp(max=20)).clamp(max=1e3) * anchors), -1)
+
+
+def bce(x, target, head, pos_weight, weight=None):
+    """Summed binary cross-entropy of head outputs x: logits for default heads, probabilities for new_coords=1
+    heads (clamped to [1e-7, 1 - 1e-7] so log stays finite). pos_weight scales the positive term."""
+    if not head.new_coords:
+        return F.binary_cross_entropy_with_logits(x, target, weight=weight, pos_weight=pos_weight, reduction='sum')
+    p = x.clamp(1e-7, 1 - 1e-7)
+    loss = -(pos_weight * target * torch.log(p) + (1 - target) * torch.log1p(-p))
+    return (loss * weight).sum() if weight is not None else loss.sum()
+
+
 def ignore_mask(p, head, ignore_thresh, targets, stride):
     """[B, na, H, W] bool: cells whose decoded box has IoU > ignore_thresh with a target of its image.
 
@@ -104,13 +127,10 @@ def ignore_mask(p, head, ignore_thresh, targets, stride):
     if not len(targets) or ignore_thresh >= 1:
         return torch.zeros((bsz, na, ny, nx), dtype=torch.bool, device=dev)
     with torch.no_grad():
-        s = head.scale_x_y
         yv, xv = torch.meshgrid(torch.arange(ny, device=dev), torch.arange(nx, device=dev), indexing='ij')
-        grid = torch.stack((xv, yv), 2).view(1, 1, ny, nx, 2).float()
+        grid = torch.stack((xv, yv, torch.zeros_like(xv), torch.zeros_like(yv)), 2).view(1, 1, ny, nx, 4).float()
         anchors = (head.anchors.to(dev, torch.float32) / torch.tensor(stride, device=dev)).view(1, na, 1, 1, 2)
-        xy = torch.sigmoid(p[..., :2].float()) * s - (s - 1) / 2 + grid
-        wh = torch.exp(p[..., 2:4].float().clamp(max=20)) * anchors
-        pbox = xywh2xyxy(torch.cat((xy, wh), -1)).view(bsz, -1, 4)  # [B, P, 4] grid units
+        pbox = xywh2xyxy(decode_xywh(p.float(), head, anchors) + grid).view(bsz, -1, 4)  # [B, P, 4] grid units
         # targets padded per image: [B, T, 4] (zero boxes have IoU 0 with everything)
         t = targets.to(dev, torch.float32)
         bi = t[:, 0].long()
@@ -153,19 +173,14 @@ def compute_loss(raw, targets, model, hyp=None, img_hw=None):
         nb = b.numel()
         if nb:
             ps = p[b, a, gj, gi]  # [nb, 5+nc]
-            s = head.scale_x_y
-            pxy = torch.sigmoid(ps[:, :2]) * s - (s - 1) / 2
-            pwh = torch.exp(ps[:, 2:4]).clamp(max=1e3) * tg['anchors']
-            giou = bbox_giou(torch.cat((pxy, pwh), 1), tg['tbox'])  # [nb]
+            giou = bbox_giou(decode_xywh(ps, head, tg['anchors']), tg['tbox'])  # [nb]
             lbox = lbox + (1.0 - giou).mean()
             tobj[b, a, gj, gi] = (1.0 - hyp['gr']) + hyp['gr'] * giou.detach().clamp(0)
             weight[b, a, gj, gi] = 1.0  # a positive is never ignored
             tc = torch.full_like(ps[:, 5:], cn)
             tc[torch.arange(nb, device=dev), tg['tcls']] = cp
-            lcls = lcls + F.binary_cross_entropy_with_logits(ps[:, 5:], tc, pos_weight=cls_pw,
-                                                             reduction='sum') / nb
-        lobj = lobj + F.binary_cross_entropy_with_logits(p[..., 4], tobj, weight=weight, pos_weight=obj_pw,
-                                                         reduction='sum') / tobj.numel()
+            lcls = lcls + bce(ps[:, 5:], tc, head, cls_pw) / nb
+        lobj = lobj + bce(p[..., 4], tobj, head, obj_pw, weight) / tobj.numel()
     lbox, lobj, lcls = lbox * hyp['giou'], lobj * hyp['obj'], lcls * hyp['cls']
     loss = lbox + lobj + lcls
     return loss, torch.stack((lbox, lobj, lcls, loss)).detach()

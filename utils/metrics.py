@@ -382,7 +382,9 @@ def coco_json_detections(dets, image_id, file_name, class_map=None):
     dets [n, 6] x1, y1, x2, y2, conf, cls in ORIGINAL image pixels (map letterboxed boxes back first with
     utils.datasets.scale_coords). image_id: the image's id (see coco_image_ids). class_map: optional
     sequence/dict class -> category_id (default: the class index itself; see coco_category_ids). bbox is
-    [x, y, w, h] rounded to 3 decimals, score to 5 decimals. Returns a list of dicts
+    [x, y, w, h] rounded to 3 decimals; score unrounded (rounding it, to 5 decimals as ultralytics does, ties
+    low scores and changes the order pycocotools ranks detections in: its mAP then differs from ours, 4e-6 on
+    coco128 val). Returns a list of dicts
     {"image_id", "file_name", "category_id", "bbox", "score"}.
     """
     dets = _to_numpy(dets).reshape(-1, 6)
@@ -392,7 +394,7 @@ def coco_json_detections(dets, image_id, file_name, class_map=None):
         out.append({'image_id': int(image_id), 'file_name': str(file_name),
                     'category_id': int(class_map[c]) if class_map is not None else c,
                     'bbox': [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
-                    'score': round(score, 5)})
+                    'score': score})
     return out
 
 
