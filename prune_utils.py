@@ -576,7 +576,8 @@ def _fold_shift(conv, keep_in, const_in):
     w = conv.weight.detach()
     if conv.groups != 1:
         raise RuntimeError("removed channels feed a grouped conv (layer-set bug)")
-    return w.sum((2, 3))[:, removed].double() @ const_in[removed].double()
+    # the flow's masks and constants live on the CPU; the model may be on a GPU
+    return w.sum((2, 3))[:, removed.to(w.device)].double() @ const_in[removed].double().to(w.device)
 
 
 def loose_model(model, plan, constants=None):
