@@ -54,6 +54,9 @@ class LayerSet:
               are g equal slices, and every slice must keep the same count (so the split still cuts between the
               same two sets of channels)
     filters:  conv layer index -> filters, for every BN conv (for printing)
+    partial:  conv layer index -> w for a group member wider than the rest of its group: a [shortcut] adding
+              inputs of unequal widths sums only the first w channels (yolov3-tiny-prn), so only those share
+              the group's mask; its other channels are pruned on their own
     """
     mode: str
     prunable: list = field(default_factory=list)
@@ -61,6 +64,7 @@ class LayerSet:
     groups: list = field(default_factory=list)
     slices: dict = field(default_factory=dict)
     filters: dict = field(default_factory=dict)
+    partial: dict = field(default_factory=dict)
 
     def group_of(self, i):
         """Index into `groups` of the group holding conv i, or None."""
@@ -78,6 +82,9 @@ class LayerSet:
             else:
                 g = self.group_of(i)
                 how = '' if g is None else f"g{g}: {self.groups[g]}"
+                if i in self.partial:
+                    w = self.partial[i]
+                    how += f" (its first {w} channels; the other {self.filters[i] - w} on their own)"
                 if i in self.slices:
                     how = (how + '; ' if how else '') + f"{self.slices[i]} equal slices ([route] groups split)"
                 rows.append([i, self.filters.get(i, ''), 'prunable', how])
@@ -121,11 +128,11 @@ class Graph:
         segs = self.segs[j]
         if len(segs) == 1:
             node, start, n = segs[0]
-            if start == 0 and n == self._node_channels(node):
+            if start == 0 and n == self.node_channels(node):
                 return node
         return None
 
-    def _node_channels(self, node):
+    def node_channels(self, node):
         return self.in_channels if node == IMAGE else self.channels[node]
 
     def nodes_read_by(self, i):
@@ -190,14 +197,10 @@ def _own_exclusions(graph):
         if t == 'shortcut' and d.get('activation', 'linear') not in ZERO_AT_ZERO:
             for n in graph.nodes_read_by(i):
                 add(n, f"[shortcut] {i} activation {d['activation']} (act(0) != 0)")
-    # a shortcut fed by a slice/concatenation cannot share a mask with its inputs channel by channel; one adding
-    # inputs of unequal widths (yolov3-tiny-prn) adds only their overlap: its inputs are left whole
+    # a shortcut fed by a slice/concatenation cannot share a mask with its inputs channel by channel (inputs of
+    # unequal widths are handled per group: overlap_members)
     for i, d in enumerate(defs):
         if d['type'] == 'shortcut':
-            widths = {graph.channels[j] for j in graph.inputs[i]}
-            if len(widths) > 1:
-                for n in graph.nodes_read_by(i):
-                    add(n, f"[shortcut] {i} adds inputs of unequal widths {sorted(widths)}")
             for j in graph.inputs[i]:
                 if graph.whole_node(j) is None:
                     for n in graph.nodes_read_by(i):
@@ -231,14 +234,39 @@ def _add_slices(ls, defs, graph, uf, coupled_by, members):
         g = math.lcm(*[sliced.get(n, 1) for n in nodes])
         if g == 1:
             continue
-        if defs[unit[0]]['filters'] % g:
+        if defs[unit[0]]['filters'] % g or any(i in ls.partial for i in unit):
             for i in unit:
                 ls.prunable.remove(i)
-                ls.excluded[i] = f"{defs[unit[0]]['filters']} channels do not split into {g} equal slices"
+                ls.partial.pop(i, None)
+                ls.excluded[i] = (f"{defs[unit[0]]['filters']} channels do not split into {g} equal slices"
+                                  if defs[unit[0]]['filters'] % g else
+                                  "a [route] groups split of a group coupled by an unequal-width [shortcut]")
             ls.groups = [grp for grp in ls.groups if grp != unit]
             continue
         for i in unit:
             ls.slices[i] = g
+
+
+def overlap_members(graph, members):
+    """Shortcut components whose nodes differ in width: ({conv: w} for the one member wider than the others, w
+    being theirs: its first w channels share the group's mask), {node: reason} for the nodes of components with
+    any other mix of widths (left whole). A [shortcut] sums only the overlap of unequal inputs (its output has
+    its first input's width), so a prefix coupling is exact when a single conv is wider than the rest."""
+    partial, blocked = {}, {}
+    for comp in members.values():
+        width = {n: graph.node_channels(n) for n in comp}
+        if len(set(width.values())) < 2:
+            continue
+        w = min(width.values())
+        wide = [n for n in comp if width[n] > w]
+        if len(wide) == 1 and wide[0] >= 0 and graph.defs[wide[0]]['type'] == 'convolutional':
+            partial[wide[0]] = w
+            continue
+        sc = min(n for n in comp if n >= 0 and graph.defs[n]['type'] == 'shortcut')
+        for n in comp:
+            blocked[n] = f"[shortcut] {sc} couples inputs of widths {sorted(set(width.values()))} (only a single " \
+                         "wider conv can be coupled by its overlap)"
+    return partial, blocked
 
 
 def shortcut_groups(graph):
@@ -265,7 +293,8 @@ def get_layer_set(module_defs, mode, in_channels=3):
       normal:   prunable convs not coupled by a [shortcut] (neither one of its inputs, directly or through
                 [route]/[maxpool]/[upsample] aliases).
       shortcut: all prunable convs; shortcut-coupled ones form groups sharing one mask. A group containing an
-                excluded member (or the image) is excluded whole.
+                excluded member (or the image) is excluded whole. A [shortcut] of unequal widths couples only
+                the overlap: a single wider member shares the group's mask over its first channels (`partial`).
       tiny:     all prunable convs of a cfg without [shortcut]; a cfg with shortcuts is refused.
     """
     if mode not in MODES:
@@ -285,6 +314,9 @@ def get_layer_set(module_defs, mode, in_channels=3):
     members = {}                                      # component root -> its nodes (convs, shortcuts, image)
     for n in list(uf.parent):
         members.setdefault(uf.find(n), []).append(n)
+    partial, blocked = overlap_members(graph, members)
+    for n, why in blocked.items():
+        own.setdefault(n, why)
     ls = LayerSet(mode, filters={i: defs[i]['filters'] for i in bn_convs})
     for i in bn_convs:
         if i in own:
@@ -310,6 +342,7 @@ def get_layer_set(module_defs, mode, in_channels=3):
             group = sorted(n for n in members[root] if n >= 0 and defs[n]['type'] == 'convolutional')
             if len(group) > 1:
                 ls.groups.append(group)
+                ls.partial.update({n: partial[n] for n in group if n in partial})
     _add_slices(ls, defs, graph, uf, coupled_by, members)
     return ls
 
@@ -378,6 +411,7 @@ class Plan:
                 'percent': self.percent, 'min_keep': self.min_keep, 'round_to': self.round_to,
                 'removed_share': self.removed_share, 'topped_up': self.topped_up,
                 'groups': self.layer_set.groups,
+                'partial': {str(k): v for k, v in sorted(self.layer_set.partial.items())},
                 'slices': {str(k): v for k, v in sorted(self.layer_set.slices.items())},
                 'excluded': {str(k): v for k, v in sorted(self.layer_set.excluded.items())},
                 'layers': [dataclasses.asdict(r) for r in self.rows()],
@@ -419,10 +453,25 @@ def _no_prunable_message(layer_set):
             f"at least one BN conv free of these constraints{hint}")
 
 
+@dataclass
+class _Unit:
+    """Channels that share one keep mask: channels start..stop-1 of each conv in `layers`. `tail`: the channels of
+    a partial group member past its group's width (LayerSet.partial), which may all go (the member keeps its
+    group's channels)."""
+    layers: list
+    start: int
+    stop: int
+    tail: bool = False
+
+
 def _units(layer_set):
-    """Mask-sharing units: each shortcut group, then every ungrouped prunable conv alone."""
+    """Mask-sharing units: each shortcut group (over its width), then the tails of its wider member, then every
+    ungrouped prunable conv alone."""
     grouped = {i for g in layer_set.groups for i in g}
-    return [list(g) for g in layer_set.groups] + [[i] for i in layer_set.prunable if i not in grouped]
+    width = lambda g: min(layer_set.partial.get(i, layer_set.filters[i]) for i in g)    # noqa: E731
+    units = [_Unit(list(g), 0, width(g)) for g in layer_set.groups]
+    units += [_Unit([i], w, layer_set.filters[i], tail=True) for i, w in sorted(layer_set.partial.items())]
+    return units + [_Unit([i], 0, layer_set.filters[i]) for i in layer_set.prunable if i not in grouped]
 
 
 def _round_up(n, total, round_to):
@@ -475,7 +524,9 @@ def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep
     such a unit keeps its K highest-|gamma| channels (units keeping at least one channel are left as cut).
     `round_to` ('pow2' or N) rounds each unit's kept count up, filling with the highest-|gamma| channels (never
     past the layer's size). A unit split by a `[route] groups` route keeps the same count in every slice
-    (`_unit_keep`); min_keep and round_to then apply per slice.
+    (`_unit_keep`); min_keep and round_to then apply per slice. A group member wider than its group
+    (LayerSet.partial) shares the group's mask over the group's width; its other channels are cut (and rounded)
+    on their own and may all go.
     """
     if (percent is None) == (threshold is None):
         raise DarkslimError("give exactly one of percent and threshold")
@@ -492,18 +543,23 @@ def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep
     elif threshold < 0:
         raise DarkslimError(f"threshold {threshold}; expected |gamma| >= 0")
     units = _units(layer_set)
-    unit_score = [np.max(np.stack([scores[i] for i in u]), 0) for u in units]   # [filters] per unit
-    unit_slices = [layer_set.slices.get(u[0], 1) for u in units]
+    unit_score = [np.max(np.stack([scores[i][u.start:u.stop] for i in u.layers]), 0) for u in units]  # [channels]
+    unit_slices = [layer_set.slices.get(u.layers[0], 1) for u in units]
     keeps = [s >= threshold for s in unit_score]
-    empty = [(u, s) for u, s, k in zip(units, unit_score, keeps) if not k.any()]
+    empty = [(u.layers, s) for u, s, k in zip(units, unit_score, keeps) if not k.any() and not u.tail]
     if empty and min_keep is None:
-        raise DarkslimError(_emptied_message(empty, unit_score, flat, percent, threshold))
+        whole = [s for u, s in zip(units, unit_score) if not u.tail]
+        raise DarkslimError(_emptied_message(empty, whole, flat, percent, threshold))
     topped = []
+    keep = {i: np.zeros(len(scores[i]), dtype=bool) for i in layer_set.prunable}
     for n, (u, s) in enumerate(zip(units, unit_score)):
+        if not keeps[n].any() and u.tail:           # a tail may go whole: its layer keeps its group's channels
+            continue
         if not keeps[n].any():                      # emptied: only reached with min_keep (see above)
-            topped += u
-        keeps[n] = _unit_keep(s, keeps[n], unit_slices[n], min_keep, round_to)
-    keep = {i: keeps[n].copy() for n, u in enumerate(units) for i in u}
+            topped += u.layers
+        k = _unit_keep(s, keeps[n], unit_slices[n], min_keep, round_to)
+        for i in u.layers:
+            keep[i][u.start:u.stop] = k
     removed = sum(int((~keep[i]).sum()) for i in layer_set.prunable)
     if removed == 0:
         asked = f"percent {percent}" if percent is not None else f"threshold {threshold:g}"

@@ -16,7 +16,7 @@ from tests.helpers import REPO, conv, randomize_, write, yolo
 from tests.prune_helpers import max_diff, narrow_defs, raw_outputs
 from tests.test_models import assert_matches_opencv
 from utils.darknet_weights import save_weights
-from utils.parse_config import write_cfg
+from utils.parse_config import parse_cfg, write_cfg
 from utils.sparsity import BNSparsity
 from tests.helpers import one_thread  # noqa: F401 (autouse: one intra-op thread in this file)
 
@@ -190,15 +190,69 @@ def test_sparse_training_mode_2_regularizes_the_sliced_convs():
     assert feeders == set(ls.slices)
 
 
-def test_unequal_width_shortcut_inputs_stay_whole_and_the_rest_prunes_exactly(tmp_path):
-    """yolov3-tiny-prn's shortcuts add a narrower input onto a wider one (only the overlap is summed): their
-    inputs are excluded with the reason, every other conv prunes with outputs unchanged."""
+def zero_group_channels_(model, layer_set, seed):
+    """Zero gamma and beta of the same random channels in every member of each shortcut group (over the group's
+    width: a wider member's first channels), of random channels of every other prunable conv, and of random
+    channels of each wider member's own tail. Returns {layer: zeroed channel indices}."""
+    g = torch.Generator().manual_seed(seed)
+    width = {i: layer_set.partial.get(i, layer_set.filters[i]) for i in layer_set.prunable}
+    grouped = {i for grp in layer_set.groups for i in grp}
+    units = [(grp, 0, width[grp[0]]) for grp in layer_set.groups]
+    units += [([i], w, layer_set.filters[i]) for i, w in layer_set.partial.items()]
+    units += [([i], 0, layer_set.filters[i]) for i in layer_set.prunable if i not in grouped]
+    zeroed = {}
+    with torch.no_grad():
+        for layers, start, stop in units:
+            n = stop - start
+            idx = start + torch.randperm(n, generator=g)[:max(1, round(0.4 * n))]
+            for i in layers:
+                bn = model.module_list[i][1]
+                bn.weight[idx], bn.bias[idx] = 0, 0
+                zeroed[i] = torch.cat((zeroed.get(i, torch.zeros(0, dtype=torch.long)), idx)).sort().values
+    return zeroed
+
+
+def test_unequal_width_shortcut_couples_only_the_overlap(tmp_path):
+    """yolov3-tiny-prn's [shortcut] from=8 adds the first 16 of layer 8's 32 channels to 16-channel layers: those
+    16 share the group's mask, layer 8's other 16 channels prune on their own; zero channels out -> outputs
+    unchanged, and the written model equals OpenCV's import of it."""
     from tests.test_cfg_validation import tiny_prn
-    model = randomize_(Darknet(write(tmp_path, 'prn.cfg', tiny_prn(nc=3))), seed=11).eval()
+    cfg = write(tmp_path, 'prn.cfg', tiny_prn(nc=3))
+    model = randomize_(Darknet(cfg), seed=11).eval()
     ls = get_layer_set(model.module_defs, 'shortcut')
-    unequal = {i: why for i, why in ls.excluded.items() if 'unequal widths' in why}
-    assert unequal and ls.prunable
-    zero_uneven_(model, ls, seed=12)
+    assert ls.partial == {8: 16} and [8, 20, 23] in ls.groups and not ls.excluded
+    assert 'its first 16 channels; the other 16 on their own' in ls.describe()
+    zeroed = zero_group_channels_(model, ls, seed=12)
     plan = make_plan(model, ls, 'shortcut', threshold=0.25)
+    assert np.array_equal(plan.keep[8][:16], plan.keep[20]) and np.array_equal(plan.keep[20], plan.keep[23])
+    assert set(np.flatnonzero(~plan.keep[8])) == set(zeroed[8].tolist())      # the tail's own zeros went too
+    assert (~plan.keep[8][16:]).any()
     x = torch.rand(1, 3, *model.img_size, generator=torch.Generator().manual_seed(13))
-    assert max_diff(raw_outputs(compact_model(model, plan), x), raw_outputs(model, x)) < 1e-4
+    compact = compact_model(model, plan)
+    assert max_diff(raw_outputs(compact, x), raw_outputs(model, x)) < 1e-4
+    assert_matches_opencv(compact, write_cfg(tmp_path / 'compact.cfg', compact.defs), tmp_path, *model.img_size)
+
+
+def test_unequal_width_overlap_with_live_beta_folds_like_loose(tmp_path):
+    from tests.test_cfg_validation import tiny_prn
+    model = randomize_(Darknet(write(tmp_path, 'prn.cfg', tiny_prn(nc=3))), seed=14).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.bias.normal_(0, 1, generator=torch.Generator().manual_seed(m.num_features))
+    ls = get_layer_set(model.module_defs, 'shortcut')
+    plan = make_plan(model, ls, 'shortcut', percent=0.5, min_keep=1)
+    assert (~plan.keep[8][:16]).any() and (~plan.keep[8][16:]).any()
+    x = torch.rand(1, 3, *model.img_size, generator=torch.Generator().manual_seed(15))
+    assert max_diff(raw_outputs(compact_model(model, plan), x), raw_outputs(loose_model(model, plan), x)) < 1e-4
+
+
+def test_unequal_widths_with_more_than_one_wider_member_stay_whole(tmp_path):
+    """Two 12-channel convs summed, then an 8-channel conv added to that: the 12-wide members' extra channels
+    are coupled among themselves, which no prefix rule expresses; the group is left whole with the reason."""
+    s = "[net]\nwidth=48\nheight=32\nchannels=3\n" + conv(12, 3) + conv(12, 3)
+    s += "[shortcut]\nfrom=-2\nactivation=linear\n" + conv(8, 1) + "[shortcut]\nfrom=-2\nactivation=linear\n"
+    s += conv(3 * 7, 1, bn=0, act='linear') + yolo([0, 1, 2], [(7, 9), (15, 21), (30, 25)], 2)
+    ls = get_layer_set(parse_cfg(write(tmp_path, 'u.cfg', s))[1:], 'shortcut')
+    assert set(ls.excluded) == {0, 1, 3} and not ls.prunable
+    assert all('[shortcut] 2 couples inputs of widths [8, 12]' in why for why in ls.excluded.values())
