@@ -21,7 +21,7 @@ from utils.evaluate import evaluate
 from utils.torch_utils import select_device
 
 DEFAULT_WEIGHTS = os.path.join('weights', 'last.pt')   # train.py's default output
-DEFAULT_CALIB_STEPS = ('mean', 'refit')
+DEFAULT_CALIB_STEPS = calibrate.DEFAULT_STEPS   # measured best on the real yolov3-tiny (bench/real_bench.py A)
 FLAGS = {'percent': '--percent', 'threshold': '--threshold', 'min_keep': '--min-keep', 'round_to': '--round-to'}
 
 

@@ -1,6 +1,6 @@
 """Slimming a real detector on real images: the official COCO yolov3-tiny on coco128, end to end.
 
-    python bench/real_bench.py [--part A|B|all] [--epochs E] [--ft-epochs F] [--calib 128] [--threads 2]
+    python bench/real_bench.py [--part A|A-latency|B|all] [--epochs E] [--ft-epochs F] [--calib 128] [--threads 2]
 
 Needs ../shared/models/yolov3-tiny-coco (the official cfg + weights) and ../shared/datasets/coco128; skips with
 a message without them. Everything at 416; mAP on coco128 val (128 images), calibration, sparse training and
@@ -8,7 +8,8 @@ fine-tuning on coco128 train (128 images).
 
 A. Prune without sparse training: tiny at --percent 0.05, 0.1, 0.2, 0.3 (on a cfg without shortcuts, normal
    has the same layer set and plan: checked, not recomputed): params, BFLOPs, mAP@0.5 and @0.5:0.95 with the
-   beta fold and with each calibrated step (mean fold; mean fold + least-squares refit; + BN recalibration).
+   beta fold and with each calibrated step (mean fold; mean fold + least-squares refit; + BN recalibration);
+   CPU latency of each percent's shape (--part A-latency times them alone, alternately, on a quiet machine).
 B. The full pipeline: (i) dense fine-tune baseline for E epochs, (ii) sparse training -sr --prune 2 for the same
    E epochs and lr at --s, (iii) tiny prune at 0.3 and 0.5 with and without calibration, (iv) F fine-tuning
    epochs of each; mAP, params, BFLOPs and CPU latency (batch 1, fused, 1 thread, all models timed
@@ -51,7 +52,9 @@ STEPS = {'beta': (), 'mean': ('mean',), 'mean+refit': ('mean', 'refit'), 'mean+r
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--part', default='all', choices=('A', 'B', 'all'))
+    p.add_argument('--part', default='all', choices=('A', 'A-latency', 'B', 'all'),
+                   help='A-latency: only the CPU latency of part A\'s pruned shapes (the surgery variants of one '
+                        'percent share their shapes), merged into an earlier part A result')
     p.add_argument('--calib', type=int, default=128, help='calibration images (coco128 train)')
     p.add_argument('--epochs', type=int, default=10, help='E: dense baseline and sparse-training epochs')
     p.add_argument('--ft-epochs', type=int, default=5, help='F: fine-tuning epochs of each pruned model')
@@ -121,6 +124,17 @@ def part_a(model, data, images, variants):
             print(f"A: percent {percent} {name}: mAP@0.5 {row['mAP50']:.4f}  ({sec:.0f} s)", flush=True)
             rows.append(row)
     return rows
+
+
+def part_a_latency(model, args):
+    """{percent: latency ms} of the original and of each part A percent's pruned shape (beta fold: calibration
+    changes weights, not shapes), batch 1, fused, timed alternately."""
+    ls = prune_utils.get_layer_set(model.module_defs, 'tiny')
+    nets = [model] + [prune_utils.compact_model(model, prune_utils.make_plan(model, ls, 'tiny', percent=p))
+                      for p in A_PERCENTS]
+    lat, _ = latencies(nets, (SIZE, SIZE), args.latency_runs, warmup=2)
+    return {'original': round(lat[0] * 1e3, 2),
+            **{str(p): round(t * 1e3, 2) for p, t in zip(A_PERCENTS, lat[1:])}}
 
 
 def train_run(work, name, cfg, data, weights, args, **extra):
@@ -215,10 +229,11 @@ def part_b(model, cfg, weights, data, images, args, work):
     return out
 
 
-def table_a(rows):
-    table = [['percent', 'surgery', 'params', 'BFLOPs', 'mAP@0.5', 'mAP@0.5:0.95', 'seconds']]
+def table_a(rows, lat=None):
+    lat = lat or {}
+    table = [['percent', 'surgery', 'params', 'BFLOPs', 'mAP@0.5', 'mAP@0.5:0.95', 'seconds', 'latency ms']]
     table += [[r['percent'], r['variant'], f"{r['params']:,}", r['bflops'], f"{r['mAP50']:.4f}",
-               f"{r['mAP50_95']:.4f}", r['seconds']] for r in rows]
+               f"{r['mAP50_95']:.4f}", r['seconds'], lat.get(str(r['percent']), '')] for r in rows]
     print_table(table, ' A: prune without sparse training (yolov3-tiny COCO, tiny mode) ')
 
 
@@ -251,6 +266,8 @@ def main(args):
         images = calibrate.calibration_images(data, args.calib, SIZE)
         result = {'calib_images': len(images), 'img_size': SIZE, 'threads': args.threads}
         t = time.perf_counter()
+        if args.part == 'A-latency':
+            result['A_latency_ms'] = part_a_latency(model, args)
         if args.part in ('A', 'all'):
             result['A'] = {'original': maps(model, data), 'rows': part_a(model, data, images,
                                                                          args.a_steps.split(','))}
@@ -263,12 +280,12 @@ def main(args):
     if os.path.isfile(os.path.join(RESULTS, 'real.json')):      # read at the end: parts may run side by side
         with open(os.path.join(RESULTS, 'real.json')) as f:
             previous = json.load(f)
-    for part in ('A', 'B'):
+    for part in ('A', 'A_latency_ms', 'B'):
         if part not in result and previous.get(part):
             result[part] = previous[part]
             result[f"{part}_from"] = {k: previous.get(k) for k in ('date', 'git_commit', 'calib_images', 'threads')}
     if result.get('A'):
-        table_a(result['A']['rows'])
+        table_a(result['A']['rows'], result.get('A_latency_ms'))
     if result.get('B'):
         table_b(result['B'])
     write_result('real', result, load)
