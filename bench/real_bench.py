@@ -67,6 +67,8 @@ def get_args_parser():
     p.add_argument('--a-steps', default=','.join(STEPS), help='part A: which surgery variants to run')
     p.add_argument('--b-steps', default='mean,refit,bn', help='part B: the calibration steps of the calibrated rows')
     p.add_argument('--b-percents', type=float, nargs='+', default=list(B_PERCENTS), help='part B: prune percents')
+    p.add_argument('--min-keep', type=int, default=8,
+                   help='part B: channels kept in a layer the cut would empty (sparse training can silence a layer)')
     p.add_argument('--reuse', action='store_true',
                    help='with --work-dir: reuse trainings whose last.pt is already there (continue a cut run)')
     return p
@@ -183,7 +185,7 @@ def real_image():
 def prune_and_tune(sparse, ls, data, images, args, work, percent, steps):
     """One B row: prune the sparse model at `percent` (`steps` of calibration), write it, fine-tune it."""
     name = f"tiny-{percent:g}-{'+'.join(steps) or 'beta'}"
-    plan = prune_utils.make_plan(sparse, ls, 'tiny', percent=percent)
+    plan = prune_utils.make_plan(sparse, ls, 'tiny', percent=percent, min_keep=args.min_keep)
     compact, sec, _ = surgery(sparse, plan, images, steps)
     cfg, weights = os.path.join(work, name + '.cfg'), os.path.join(work, name + '.weights')
     write_cfg(cfg, compact.defs)
@@ -192,7 +194,8 @@ def prune_and_tune(sparse, ls, data, images, args, work, percent, steps):
     summary, out = train_run(work, name + '-ft', cfg, data, weights, args, epochs=args.ft_epochs)
     tuned = load_model(cfg, os.path.join(out, 'last.weights'))
     params, bflops = model_info(tuned.defs, SIZE, SIZE)
-    row = {'name': name, 'percent': percent, 'calibration': list(steps), 'params': params,
+    row = {'name': name, 'percent': percent, 'calibration': list(steps), 'topped_up': plan.topped_up,
+           'params': params,
            'bflops': round(bflops, 3), 'pruned': pruned_maps, 'finetuned': maps(tuned, data),
            'surgery_seconds': round(sec, 1), 'finetune_seconds': summary['wall_seconds'],
            'opencv_max_diff': opencv_max_diff(tuned, cfg, os.path.join(out, 'last.weights'), real_image())}
@@ -211,7 +214,7 @@ def part_b(model, cfg, weights, data, images, args, work):
     ls = prune_utils.get_layer_set(sparse.module_defs, 'tiny')
     hist = os.path.join(RESULTS, 'real-sparse-gamma-hist.png')
     gamma_histogram_png(sparse, ls, hist, title=f"yolov3-tiny COCO, -sr --s {args.s:g}, {args.epochs} epochs")
-    out = {'epochs': args.epochs, 'ft_epochs': args.ft_epochs, 'lr0': args.lr0, 's': args.s,
+    out = {'epochs': args.epochs, 'ft_epochs': args.ft_epochs, 'lr0': args.lr0, 's': args.s, 'min_keep': args.min_keep,
            'batch_size': args.batch_size, 'original': maps(model, data), 'dense': maps(dense, data),
            'sparse': maps(sparse, data), 'sparse_gamma': sparsity_stats(sparse, ls),
            'gamma_hist_png': os.path.relpath(hist, REPO),
