@@ -215,7 +215,8 @@ def part_b(model, cfg, weights, data, images, args, work):
     hist = os.path.join(RESULTS, 'real-sparse-gamma-hist.png')
     gamma_histogram_png(sparse, ls, hist, title=f"yolov3-tiny COCO, -sr --s {args.s:g}, {args.epochs} epochs")
     out = {'epochs': args.epochs, 'ft_epochs': args.ft_epochs, 'lr0': args.lr0, 's': args.s,
-           'min_keep': args.min_keep, 'batch_size': args.batch_size, 'original': maps(model, data), 'dense': maps(dense, data),
+           'min_keep': args.min_keep, 'batch_size': args.batch_size, 'original': maps(model, data),
+           'dense': maps(dense, data),
            'sparse': maps(sparse, data), 'sparse_gamma': sparsity_stats(sparse, ls),
            'gamma_hist_png': os.path.relpath(hist, REPO),
            'seconds': {'dense': dense_sum['wall_seconds'], 'sparse': sparse_sum['wall_seconds']}, 'rows': []}
