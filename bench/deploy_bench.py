@@ -3,7 +3,7 @@ latency, one thread, in four runtimes: PyTorch, OpenCV DNN, onnxruntime and the 
 
     python bench/deploy_bench.py [--runs 15] [--img-size 416] [--parts synthetic,real,demo]
         [--runtimes torch,opencv,onnxruntime,darknet] [--real PRUNED_CFG PRUNED_WEIGHTS]
-        [--demo-report runs/demo/report.json]
+        [--demo-report runs/demo/report.json] [--demo-root CHECKOUT]
 
 Model pairs (each model is written as a Darknet cfg + .weights into a temporary folder, which OpenCV and darknet
 read; onnxruntime runs utils/onnx_export.py's export of the same model):
@@ -21,7 +21,7 @@ OpenCV (cv2.dnn.readNetFromDarknet, OpenCV backend, CPU target, cv2.setNumThread
 (CPUExecutionProvider, intra- and inter-op threads 1) and darknet (libdarknet via bench/darknet_runtime.py,
 single-threaded CPU; it runs only cfgs without [route] groups, [yolo] scale_x_y or new_coords: others are skipped
 with a note). Before any timing each runtime's decoded objectness for a random input is checked against the
-PyTorch model's (max |difference| < 1e-2: catches a model loaded wrongly).
+PyTorch model's (max |difference| < 5e-2: catches a model loaded wrongly; see OBJ_TOL).
 
 Timing: --warmup untimed passes of every (model, runtime), then --runs rounds of one pass of each in turn, so
 that drift of the machine hits all alike; the median per (model, runtime). speedup = original / compact latency
@@ -62,7 +62,10 @@ RUNTIMES = ('torch', 'opencv', 'onnxruntime', 'darknet')
 REAL_BASE = (os.path.join(REPO, '..', 'shared', 'models', 'yolov3-tiny-coco', 'yolov3-tiny.cfg'),
              os.path.join(REPO, '..', 'shared', 'models', 'yolov3-tiny-coco', 'yolov3-tiny.weights'))
 EFFICIENCY_GOAL = 0.8
-OBJ_TOL = 1e-2          # max |objectness difference| from PyTorch's accepted before timing
+# max |objectness difference| from PyTorch's accepted before timing: darknet and OpenCV normalise BN by
+# sqrt(var) + 1e-6 where we use sqrt(var + 1e-5); on a trained model with tiny running variances that alone moves
+# objectness by ~1e-2 (the demo's shortcut prune in darknet: 0.0117), while a model loaded wrongly is off by O(1)
+OBJ_TOL = 5e-2
 IDLE_PER_CORE = 0.5
 TOP_LAYERS = 10         # layers per model kept in the worst pair's profile
 PROFILE_PASSES = 3      # passes per model behind a per-layer profile (median per layer)
@@ -84,6 +87,8 @@ def get_args_parser():
     p.add_argument('--real-base', nargs=2, metavar=('CFG', 'WEIGHTS'), default=REAL_BASE,
                    help='real pair: the original model (default: ../shared/models/yolov3-tiny-coco)')
     p.add_argument('--demo-report', default='runs/demo/report.json', help="demo.py's report.json")
+    p.add_argument('--demo-root', default=REPO,
+                   help="the checkout demo.py ran in: its report's paths are relative to it (default: this one)")
     p.add_argument('--result', default='deploy', help='writes bench/results/RESULT.json')
     return p
 
@@ -193,7 +198,7 @@ def demo_models(args, models, tmp, notes):
         raise DarkslimError(f"{args.demo_report}: no {e} entry; expected demo.py's report.json (sparse, "
                             "tiny_sparse and pruned.<name> with cfg and weights)") from None
     for key, (cfg, weights) in {**sources, **{f'pruned/{k}': v for k, v in pruned.items()}}.items():
-        net = load_model(os.path.join(REPO, cfg), os.path.join(REPO, weights))
+        net = load_model(os.path.join(args.demo_root, cfg), os.path.join(args.demo_root, weights))
         add_model(models, tmp, f'demo/{key}', 'demo', net, net.img_size, f"{cfg} + {weights}")
     # as demo.py pairs them: the tiny prune comes from the tiny model, every other prune from the sparse one
     return [BenchPair('demo', f"demo {name}", 'demo/tiny_sparse' if name == 'tiny' else 'demo/sparse',
