@@ -114,14 +114,13 @@ class YOLOLayer(nn.Module):
     utils.loss decodes and scores both kinds the same way (new_coords: BCE on the probabilities p).
     """
 
-    def __init__(self, anchors, nc, scale_x_y=1.0, new_coords=False, where='[yolo]'):
+    def __init__(self, anchors, nc, scale_x_y=1.0, new_coords=False):
         super().__init__()
         self.anchor_list = [tuple(a) for a in anchors]  # pixels; the buffer below is rebuilt from it
         self.register_buffer('anchors', torch.tensor(anchors, dtype=torch.float32).view(-1, 2), persistent=False)
         self.na, self.nc, self.no = len(anchors), nc, nc + 5
         self.scale_x_y = float(scale_x_y)
         self.new_coords = bool(new_coords)
-        self.where = where
         self.grid = None
 
     def forward(self, p, img_hw):
@@ -179,8 +178,7 @@ def create_modules(module_defs, in_channels):
             c_out = c_in  # the previous layer's channels, whatever the `from` layers hold (see Shortcut)
         elif t == 'yolo':
             anchors = [d['anchors'][k] for k in yolo_masks(d)]
-            m = YOLOLayer(anchors, d.get('classes', 20), d.get('scale_x_y', 1.0), d.get('new_coords', 0),
-                          d.where('new_coords'))
+            m = YOLOLayer(anchors, d.get('classes', 20), d.get('scale_x_y', 1.0), d.get('new_coords', 0))
             c_out = c_in
         module_list.append(m)
         channels.append(c_out)

@@ -468,8 +468,9 @@ def _units(layer_set):
     """Mask-sharing units: each shortcut group (over its width), then the tails of its wider member, then every
     ungrouped prunable conv alone."""
     grouped = {i for g in layer_set.groups for i in g}
-    width = lambda g: min(layer_set.partial.get(i, layer_set.filters[i]) for i in g)    # noqa: E731
-    units = [_Unit(list(g), 0, width(g)) for g in layer_set.groups]
+    # a group's width is its members' (a partial member joins with its first that many channels)
+    units = [_Unit(list(g), 0, min(layer_set.partial.get(i, layer_set.filters[i]) for i in g))
+             for g in layer_set.groups]
     units += [_Unit([i], w, layer_set.filters[i], tail=True) for i, w in sorted(layer_set.partial.items())]
     return units + [_Unit([i], 0, layer_set.filters[i]) for i in layer_set.prunable if i not in grouped]
 
@@ -553,10 +554,10 @@ def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep
     topped = []
     keep = {i: np.zeros(len(scores[i]), dtype=bool) for i in layer_set.prunable}
     for n, (u, s) in enumerate(zip(units, unit_score)):
-        if not keeps[n].any() and u.tail:           # a tail may go whole: its layer keeps its group's channels
-            continue
-        if not keeps[n].any():                      # emptied: only reached with min_keep (see above)
-            topped += u.layers
+        if not keeps[n].any():
+            if u.tail:                              # a tail may go whole: its layer keeps its group's channels
+                continue
+            topped += u.layers                      # emptied: only reached with min_keep (see above)
         k = _unit_keep(s, keeps[n], unit_slices[n], min_keep, round_to)
         for i in u.layers:
             keep[i][u.start:u.stop] = k
