@@ -4,7 +4,8 @@
 
 1. generate the shapes dataset (data/make_shapes.py) into OUT/shapes
 2. sparse-train cfg/yolov3-demo.cfg (-sr --prune 1) and cfg/yolov3-tiny-demo.cfg (-sr --prune 2), --s 0.01,
-   from scratch, or with --dense-epochs N from N epochs of plain training first
+   from scratch (or with --dense-epochs N from N epochs of plain training first), evaluating and saving the
+   exponential moving average of the weights (train.py --ema; --no-ema to turn it off)
 3. prune: normal (--percent 0.6), regular (power of two), regular --round-to 8, shortcut (0.5) and layer
    (remove a quarter of the residual blocks) on the YOLOv3-style model; tiny (0.5) on the tiny-style model;
    --min-keep 2 for a layer the cut would empty
@@ -53,6 +54,9 @@ def get_args_parser():
                    help='plain training epochs before sparse training (default 0: sparse-train from scratch)')
     p.add_argument('--epochs', type=int, default=20, help='sparse-training epochs (YOLOv3-style model)')
     p.add_argument('--tiny-epochs', type=int, default=20, help='sparse-training epochs (tiny-style model)')
+    p.add_argument('--no-ema', action='store_true',
+                   help='sparse training without --ema (the moving average of the weights, evaluated and saved: '
+                        'in 20 epochs from scratch it is the steadier model)')
     p.add_argument('--eval-interval', type=int, default=4, help='sparse training: evaluate every N epochs')
     p.add_argument('--ft-epochs', type=int, default=4, help='fine-tuning epochs per pruned model')
     p.add_argument('--batch-size', type=int, default=8)
@@ -220,6 +224,7 @@ def training_steps(args, data, out):
         sparse_dir = os.path.join(out, name)
         dirs[key] = (cfg, sparse_dir, epochs)
         extra, after = ['-sr', '--s', args.s, '--prune', mode, '--eval-interval', args.eval_interval], []
+        extra += [] if args.no_ema else ['--ema']
         if args.dense_epochs > 0:
             dense_dir = os.path.join(out, name.replace('sparse', 'dense'))
             steps.append(Step(f"{key}-dense", train_cmd(args, cfg, data, dense_dir, args.dense_epochs, args.lr0,
@@ -287,9 +292,10 @@ def write_report(args, out, report, sparse_dirs):
             write_bytes_atomic(os.path.join(REPO, report[key]['gamma_hist_png']), f.read())
     charts = ', '.join(f"`{m['channels_png']}`" for m in report['pruned'].values())
     dense = f"dense training {args.dense_epochs} epochs, then " if args.dense_epochs > 0 else ''
+    ema = '' if args.no_ema else ' (EMA weights)'
     md = (f"# darkslim demo report\n\nData: `{report['data']}` (val split), input {args.img_size}x{args.img_size}, "
           f"seed {args.seed}, {dense}sparse training {args.epochs} (tiny {args.tiny_epochs}) epochs at --s "
-          f"{args.s:g}, fine-tuning {args.ft_epochs} epochs; CPU latency at batch 1 (fused, 1 thread, median of "
+          f"{args.s:g}{ema}, fine-tuning {args.ft_epochs} epochs; CPU latency at batch 1 (fused, 1 thread, median of "
           f"{args.latency_runs}). Total time {report['seconds']:.0f} s.\n\n{table}\n\n"
           f"Gamma histograms after sparse training: `{report['sparse']['gamma_hist_png']}`, "
           f"`{report['tiny_sparse']['gamma_hist_png']}`. Per-layer channel charts: {charts}.\n")

@@ -38,6 +38,10 @@ def _check_args(args):
         raise DarkslimError(f"--cutoff {args.cutoff}; expected a positive layer count")
     if args.s < 0:
         raise DarkslimError(f"--s {args.s}; expected a sparsity rate >= 0")
+    if args.sr_local is not None and not 0 < args.sr_local <= 1:
+        raise DarkslimError(f"--sr-local {args.sr_local}; expected a share of channels in (0, 1]")
+    if not 0 <= args.sr_local_start < 1:
+        raise DarkslimError(f"--sr-local-start {args.sr_local_start}; expected a fraction of the epochs in [0, 1)")
     for name in ('lr0', 'lrf', 'momentum', 'weight_decay', 'warmup_epochs'):
         if getattr(args, name) < 0:
             raise DarkslimError(f"--{name.replace('_', '-')} {getattr(args, name)}; expected >= 0")
@@ -168,6 +172,12 @@ def get_args_parser():
                         'prefix of its own options)')
     p.add_argument('--prune', type=int, default=0, choices=(0, 1, 2),
                    help='-sr layer set: 0 normal/regular, 1 shortcut, 2 tiny (as the prune script that follows)')
+    p.add_argument('--sr-local', type=float, metavar='SHARE',
+                   help='-sr local s decay: from --sr-local-start on, only this share of the prunable channels (the '
+                        'smallest |gamma|, re-ranked every epoch) keeps the rate --s, the others get 1%% of it, so '
+                        'the channels a prune keeps stop shrinking (e.g. 0.85; default: --s on all)')
+    p.add_argument('--sr-local-start', type=float, default=0.5, metavar='FRACTION',
+                   help='local s decay starts at this fraction of --epochs (default 0.5; 0: from the first epoch)')
     p.add_argument('--tensorboard', action='store_true',
                    help='log scalars and BN-gamma histograms to <out-dir>/tensorboard (needs the tensorboard '
                         'package; skipped with a message without it)')

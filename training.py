@@ -40,7 +40,7 @@ from utils.io import write_text_atomic
 from utils.loss import DEFAULT_HYP as LOSS_HYP
 from utils.loss import compute_loss
 from utils.parse_config import infer_shapes, parse_cfg, parse_cfg_text
-from utils.sparsity import BNSparsity, format_stats, gamma_histogram_png, sparsity_stats
+from utils.sparsity import LOCAL_DECAY, BNSparsity, format_stats, gamma_histogram_png, sparsity_stats
 from utils.torch_utils import ModelEMA, dist_info, init_seeds, select_device
 
 RESULTS_HEADER = ['epoch', 'box', 'obj', 'cls', 'sparsity', 'total', 'precision', 'recall', 'mAP50', 'mAP50_95',
@@ -84,6 +84,8 @@ class TrainConfig:
     sr: bool = False
     s: float = 0.001
     prune: int = 0
+    sr_local: float = None
+    sr_local_start: float = 0.5
     tensorboard: bool = False
 
     @classmethod
@@ -432,6 +434,17 @@ def _optimizer_step(run, epoch, i, nb):
     return lr
 
 
+def local_sparsity(run, epoch):
+    """Local s decay (cfg.sr_local, see utils.sparsity): from epoch int(sr_local_start * epochs) on, the prunable
+    channels are re-ranked before every epoch and only the sr_local smallest-|gamma| share keeps the full rate."""
+    cfg = run.cfg
+    if run.sr is None or cfg.sr_local is None or epoch < int(cfg.sr_local_start * cfg.epochs):
+        return
+    pressed = run.sr.local_decay(cfg.sr_local)
+    run.log(f"epoch {epoch} local s decay: {pressed} of the {sum(bn.num_features for bn in run.sr.bns.values())} "
+            f"prunable channels (the smallest |gamma|) at s={cfg.s:g}, the others at {cfg.s * LOCAL_DECAY:g}")
+
+
 def _seed_epoch(run, epoch):
     """Per-epoch seeds: a resumed run draws the same batches and augmentations as an uninterrupted one."""
     torch.manual_seed(run.cfg.seed + 1000003 * epoch + run.rank)
@@ -594,6 +607,7 @@ def _fit(cfg, device, rank, world, ckpt, resume_path):
     summary = {'metrics': None, 'best_epoch': None, 'gamma_histograms': []}
     train_seconds = 0.0
     for epoch in range(run.start_epoch, cfg.epochs):
+        local_sparsity(run, epoch)
         stats = train_one_epoch(run, epoch)
         train_seconds += stats.seconds
         if run.main:

@@ -60,6 +60,13 @@ def get_args_parser():
     p.add_argument('--ft-epochs', type=int, default=5, help='F: fine-tuning epochs of each pruned model')
     p.add_argument('--lr0', type=float, default=0.002, help='learning rate of every training run')
     p.add_argument('--s', type=float, default=0.1, help='sparsity rate of (ii)')
+    p.add_argument('--sr-local', type=float,
+                   help='part B: local s decay of (ii): only this share of the prunable channels (smallest |gamma|) '
+                        'keeps the rate --s (train.py --sr-local)')
+    p.add_argument('--sr-local-start', type=float, default=0.0,
+                   help='part B: the local s decay starts at this fraction of the epochs (default 0: at once)')
+    p.add_argument('--b-key', default='B',
+                   help='part B: the key of real.json it is stored under (to keep a run of another recipe beside B)')
     p.add_argument('--batch-size', type=int, default=8)
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--latency-runs', type=int, default=15)
@@ -208,13 +215,16 @@ def part_b(model, cfg, weights, data, images, args, work):
     """(i) dense baseline, (ii) sparse training, (iii)+(iv) prunes with and without calibration, fine-tuned."""
     from utils.sparsity import gamma_histogram_png
     dense_sum, dense_dir = train_run(work, 'dense', cfg, data, weights, args)
-    sparse_sum, sparse_dir = train_run(work, 'sparse', cfg, data, weights, args, sr=True, s=args.s, prune=2)
+    sparse_sum, sparse_dir = train_run(work, 'sparse', cfg, data, weights, args, sr=True, s=args.s, prune=2,
+                                       sr_local=args.sr_local, sr_local_start=args.sr_local_start)
     dense = load_model(None, os.path.join(dense_dir, 'last.pt'))
     sparse = load_model(None, os.path.join(sparse_dir, 'last.pt'))
     ls = prune_utils.get_layer_set(sparse.module_defs, 'tiny')
-    hist = os.path.join(RESULTS, 'real-sparse-gamma-hist.png')
+    name = 'real-sparse' if args.b_key == 'B' else f"real-{args.b_key}"       # B_local: real-B_local-gamma-hist
+    hist = os.path.join(RESULTS, f"{name}-gamma-hist.png")
     gamma_histogram_png(sparse, ls, hist, title=f"yolov3-tiny COCO, -sr --s {args.s:g}, {args.epochs} epochs")
     out = {'epochs': args.epochs, 'ft_epochs': args.ft_epochs, 'lr0': args.lr0, 's': args.s,
+           'sr_local': args.sr_local, 'sr_local_start': args.sr_local_start if args.sr_local else None,
            'min_keep': args.min_keep, 'batch_size': args.batch_size, 'original': maps(model, data),
            'dense': maps(dense, data),
            'sparse': maps(sparse, data), 'sparse_gamma': sparsity_stats(sparse, ls),
@@ -251,7 +261,8 @@ def table_b(b):
         table.append([r['name'], f"{r['params']:,} ({r['params'] / b['params_original']:.0%})", r['bflops'],
                       f"{r['pruned']['mAP50']:.4f} -> {r['finetuned']['mAP50']:.4f}", lat[r['name']],
                       f"{lat['dense'] / lat[r['name']]:.2f}x"])
-    print_table(table, f" B: E={b['epochs']}, F={b['ft_epochs']}, lr0 {b['lr0']}, s {b['s']} ")
+    local = f", local s decay {b['sr_local']:g}" if b.get('sr_local') else ''
+    print_table(table, f" B: E={b['epochs']}, F={b['ft_epochs']}, lr0 {b['lr0']}, s {b['s']}{local} ")
 
 
 def main(args):
@@ -279,20 +290,22 @@ def main(args):
             result['A']['seconds'] = round(time.perf_counter() - t, 1)
         if args.part in ('B', 'all'):
             t = time.perf_counter()
-            result['B'] = part_b(model, cfg, weights, data, images, args, work)
-            result['B']['seconds_total'] = round(time.perf_counter() - t, 1)
+            result[args.b_key] = part_b(model, cfg, weights, data, images, args, work)
+            result[args.b_key]['seconds_total'] = round(time.perf_counter() - t, 1)
     previous = {}
     if os.path.isfile(os.path.join(RESULTS, 'real.json')):      # read at the end: parts may run side by side
         with open(os.path.join(RESULTS, 'real.json')) as f:
             previous = json.load(f)
-    for part in ('A', 'A_latency_ms', 'B'):
+    b_keys = sorted({'B', args.b_key} | {k for k in previous if k.startswith('B') and not k.endswith('_from')})
+    for part in ['A', 'A_latency_ms'] + b_keys:
         if part not in result and previous.get(part):
             result[part] = previous[part]
             result[f"{part}_from"] = {k: previous.get(k) for k in ('date', 'git_commit', 'calib_images', 'threads')}
     if result.get('A'):
         table_a(result['A']['rows'], result.get('A_latency_ms'))
-    if result.get('B'):
-        table_b(result['B'])
+    for key in b_keys:
+        if result.get(key):
+            table_b(result[key])
     write_result('real', result, load)
     return 0
 

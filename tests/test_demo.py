@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 import demo
 from models import load_model
@@ -77,6 +78,8 @@ def test_toy_pipeline_report_agrees_with_the_files_it_names(tmp_path):
         assert m['map50'] == pytest.approx(best_epoch_map50((REPO / m['weights']).parent / 'results.csv'), abs=1e-4)
         assert f"| {params:,} |" in md
         assert (REPO / m['gamma_hist_png']).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+        # sparse training ran with --ema: the checkpoint holds the average's state beside the weights it saved
+        assert torch.load(REPO / m['weights'], weights_only=True)['ema']['updates'] > 0
     for name, m in on_disk['pruned'].items():
         assert {'cfg', 'weights', 'params', 'bflops', 'map50_pruned', 'map50_finetuned', 'latency_ms'} <= m.keys()
         model = load_model(REPO / m['cfg'], REPO / m['weights'])  # paths are relative to the repository root

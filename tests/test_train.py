@@ -256,6 +256,41 @@ def test_sparsity_stats_and_histogram(tmp_path):
     assert img is not None and (img < 128).any()
 
 
+def _set_gammas(model, layers, values):
+    """Write `values` (flat) into the BN gammas of `layers`, in layer order."""
+    k = 0
+    with torch.no_grad():
+        for i in sorted(layers):
+            w = model.module_list[i][1].weight
+            w.copy_(values[k:k + w.numel()])
+            k += w.numel()
+
+
+def test_local_decay_keeps_the_full_rate_on_the_smallest_share_only():
+    model = model_from_text(mini_tiny(nc=2, width=64, height=64))
+    layer_set = get_layer_set(model.module_defs, 2)
+    n = sum(model.module_list[i][1].num_features for i in layer_set.prunable)
+    values = torch.randperm(n).float().add(1) * torch.where(torch.rand(n) < 0.5, -1.0, 1.0) / n
+    _set_gammas(model, layer_set.prunable, values)  # distinct |gamma| 1/n .. 1, mixed signs, shuffled over layers
+    sr = BNSparsity(model, layer_set, s=0.1, verbose=False)
+    assert sr.local_decay(0.3) == round(0.3 * n)
+    for p in model.parameters():
+        p.grad = None
+    sr.step()
+    k = 0
+    for i in sorted(layer_set.prunable):
+        bn = model.module_list[i][1]
+        v = values[k:k + bn.num_features]
+        k += bn.num_features
+        # rank of |gamma| among all n (1-based) is |gamma| * n: the 30 % smallest get s, the rest s / 100
+        rate = torch.where(v.abs() * n <= round(0.3 * n) + 0.5, 0.1, 0.001)
+        assert torch.allclose(bn.weight.grad, rate * torch.sign(v))
+    assert sr.penalty() == pytest.approx(float((torch.where(values.abs() * n <= round(0.3 * n) + 0.5, 0.1, 0.001)
+                                                * values.abs()).sum()), rel=1e-5)
+    with pytest.raises(ValueError, match='expected 0 < share <= 1'):
+        sr.local_decay(0)
+
+
 def _sr_pair(tmp_path, shapes, cfg, extra):
     """The same seeded run without and with -sr (prune mode 0); returns (layer_set, plain.pt, sr.pt)."""
     common = ['--cfg', cfg, '--data', shapes, '--img-size', 64, '--workers', 0, '--notest', '--seed', 3,
@@ -296,6 +331,27 @@ def test_sr_shrinks_regularized_gammas_faster(tmp_path, shapes, capsys):
     assert float(last_row['gamma_p50']) == pytest.approx(np.median(g), rel=1e-5)
     assert float(last_row['gamma_small_share']) == pytest.approx((g < 0.01).mean(), abs=1e-6)
     assert math.isnan(float(_csv_rows(tmp_path / 'plain' / 'results.csv')[-1]['gamma_p50']))
+
+
+def test_sr_local_decay_spares_the_largest_gammas_from_the_start_epoch_on(tmp_path, shapes, capsys):
+    cfg = write(tmp_path, 'y.cfg', mini_yolov3(nc=SHAPES_NC, width=64, height=64))
+    common = ['--cfg', cfg, '--data', shapes, '--img-size', 64, '--workers', 0, '--notest', '--seed', 3,
+              '--warmup-epochs', 0, '--epochs', 2, '--batch-size', 4, '-sr', '--s', 0.05, '--prune', 0]
+    run_train(*common, '--out-dir', tmp_path / 'sr')
+    run_train(*common, '--out-dir', tmp_path / 'local', '--sr-local', 0.5, '--sr-local-start', 0.5)
+    out = capsys.readouterr().out
+    assert 'epoch 0 local s decay' not in out and 'epoch 1 local s decay' in out  # starts at int(0.5 * 2)
+    ls = get_layer_set(parse_cfg_text(open(cfg).read())[1:], 0)
+    g_sr = torch.cat(list(gammas(tmp_path / 'sr' / 'last.pt', ls.prunable).values())).abs()
+    g_local = torch.cat(list(gammas(tmp_path / 'local' / 'last.pt', ls.prunable).values())).abs()
+    big = g_sr >= g_sr.median()  # the half the decay spared in epoch 1 (ranks barely move in 2 steps)
+    # epoch 1's two steps (lr ~0.005, s 0.05, momentum carrying epoch 0's push) move the spared half ~5e-4 less:
+    # it ends larger; the pressed half, pushed alike in both runs, ends about equal
+    spared = (g_local[big] - g_sr[big]).mean()
+    assert spared > 4e-4
+    assert (g_local[~big] - g_sr[~big]).abs().mean() < spared / 4
+    with pytest.raises(DarkslimError, match='--sr-local 1.5; expected a share of channels in'):
+        run_train(*common, '--out-dir', tmp_path / 'bad', '--sr-local', 1.5)
 
 
 def test_model_ema_is_the_decayed_average():

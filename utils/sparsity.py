@@ -10,6 +10,11 @@ mode may thin are regularized, nothing else (one source of truth for train.py -s
 call it once, after the last backward before the step; under AMP after `scaler.unscale_`). Under DDP call it on
 the wrapped model after backward: the gradients are already all-reduced and gamma is identical on every rank,
 so every rank adds the same term.
+
+Local s decay (tanluren/yolov3-channel-and-layer-pruning's strategy): `sr.local_decay(share)` ranks the prunable
+channels by |gamma| over all regularized layers (as normal/tiny prune rank them) and from then on only the
+`share` smallest keep the full rate; the others get LOCAL_DECAY * s. The channels a later prune will keep stop
+being pushed toward zero and can take over the work of the ones that still are. Call it again to re-rank.
 """
 import numpy as np
 import torch
@@ -18,6 +23,7 @@ from utils.torch_utils import de_parallel
 
 SMALL_GAMMA = 0.01  # |gamma| below this counts as "near zero" in sparsity_stats
 PERCENTILES = (1, 10, 50, 90, 99)
+LOCAL_DECAY = 0.01  # rate factor of the channels local s decay spares (the seed project's s - 0.99 s)
 
 
 def bn_modules(model, layers):
@@ -42,6 +48,7 @@ class BNSparsity:
         self.layers = sorted(layer_set.prunable)
         self.excluded = dict(layer_set.excluded)
         self.bns = bn_modules(model, self.layers)
+        self.rates = None  # {layer: per-channel rate [C]} once local_decay() ran; None: s everywhere
         if verbose:
             print(self.describe())
 
@@ -54,10 +61,28 @@ class BNSparsity:
         return '\n'.join(lines)
 
     @torch.no_grad()
+    def local_decay(self, share, factor=LOCAL_DECAY):
+        """Keep the full rate on the `share` (0 < share <= 1) smallest-|gamma| regularized channels, ranked over
+        all layers together; give the others factor * s. Returns how many channels keep the full rate."""
+        if not 0 < share <= 1:
+            raise ValueError(f"local decay share {share}; expected 0 < share <= 1")
+        if not self.bns:
+            return 0
+        g = torch.cat([bn.weight.detach().abs().flatten() for bn in self.bns.values()])
+        cut = g.sort().values[max(1, round(share * g.numel())) - 1]  # the largest |gamma| still pressed
+        self.rates = {i: torch.where(bn.weight.detach().abs() <= cut, self.s, self.s * factor)
+                      for i, bn in self.bns.items()}
+        return int((g <= cut).sum())
+
+    def _rate(self, i):
+        return self.s if self.rates is None else self.rates[i]
+
+    @torch.no_grad()
     def step(self):
-        """gamma.grad += s * sign(gamma) for every regularized BN (gamma.grad created if absent)."""
-        for bn in self.bns.values():
-            g = torch.sign(bn.weight) * self.s
+        """gamma.grad += rate * sign(gamma) for every regularized BN (gamma.grad created if absent); the rate is
+        s, or per channel after local_decay()."""
+        for i, bn in self.bns.items():
+            g = torch.sign(bn.weight) * self._rate(i)
             if bn.weight.grad is None:
                 bn.weight.grad = g
             else:
@@ -65,10 +90,10 @@ class BNSparsity:
 
     @torch.no_grad()
     def penalty(self):
-        """The L1 term's value s * sum|gamma| (for logging; its gradient is what step() adds)."""
+        """The L1 term's value sum(rate * |gamma|) (for logging; its gradient is what step() adds)."""
         if not self.bns:
             return 0.0
-        return self.s * float(sum(bn.weight.abs().sum() for bn in self.bns.values()))
+        return float(sum((self._rate(i) * bn.weight.abs()).sum() for i, bn in self.bns.items()))
 
 
 def prunable_gammas(model, layer_set):
