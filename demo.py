@@ -305,6 +305,17 @@ def write_report(args, out, report, sparse_dirs):
     print(f"\nwrote {rel(os.path.join(out, 'report.md'))} and report.json in {report['seconds']:.0f} s")
 
 
+def shapes_data(args, out):
+    """OUT/shapes/shapes.data: the shapes dataset of --seed, generated unless it is there already."""
+    from data.make_shapes import make_shapes
+    shapes = os.path.join(out, 'shapes')
+    data = os.path.join(shapes, 'shapes.data')
+    if not os.path.isfile(data):
+        print(f"generating the shapes dataset into {rel(shapes)}", flush=True)
+        make_shapes(shapes, args.n_train, args.n_val, args.img_size, args.seed)
+    return data
+
+
 def demo(args):
     """The whole pipeline (see the module docstring); returns the report dict."""
     t0 = time.perf_counter()
@@ -312,12 +323,7 @@ def demo(args):
         raise DarkslimError(f"--jobs {args.jobs}; expected >= 1")
     out = os.path.join(REPO, args.out)
     os.makedirs(out, exist_ok=True)
-    from data.make_shapes import make_shapes
-    shapes = os.path.join(out, 'shapes')
-    data = os.path.join(shapes, 'shapes.data')
-    if not os.path.isfile(data):
-        print(f"generating the shapes dataset into {rel(shapes)}", flush=True)
-        make_shapes(shapes, args.n_train, args.n_val, args.img_size, args.seed)
+    data = shapes_data(args, out)
     steps, sparse_dirs = training_steps(args, data, out)
     more, outputs = prune_steps(args, data, out, sparse_dirs)
     steps += more

@@ -1,6 +1,6 @@
 """Run every benchmark of the project and rewrite bench/results/*.json (what `make bench` runs).
 
-    python bench/run_all.py [--only io prune eval train real deploy]
+    python bench/run_all.py [--only io prune eval train real deploy demo-seeds]
 
 Each script prints its own table; this prints which ones ran and how long they took. The README's numbers
 come from the JSON files these write (each with machine, date and git commit).
@@ -13,7 +13,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHES = {'io': 'bench/io_bench.py', 'prune': 'bench/prune_bench.py', 'eval': 'bench/eval_bench.py',
-           'train': 'bench/train_bench.py', 'real': 'bench/real_bench.py', 'deploy': 'bench/deploy_bench.py'}
+           'train': 'bench/train_bench.py', 'real': 'bench/real_bench.py', 'deploy': 'bench/deploy_bench.py',
+           'demo-seeds': 'bench/demo_seeds.py'}
 
 
 def get_args_parser():
