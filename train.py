@@ -38,6 +38,8 @@ def _check_args(args):
         raise DarkslimError(f"--cutoff {args.cutoff}; expected a positive layer count")
     if args.s < 0:
         raise DarkslimError(f"--s {args.s}; expected a sparsity rate >= 0")
+    if args.sr_local is not None and not args.sr:
+        raise DarkslimError(f"--sr-local {args.sr_local} without -sr; expected -sr (local s decay is a sparsity rate)")
     if args.sr_local is not None and not 0 < args.sr_local <= 1:
         raise DarkslimError(f"--sr-local {args.sr_local}; expected a share of channels in (0, 1]")
     if not 0 <= args.sr_local_start < 1:

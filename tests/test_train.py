@@ -352,6 +352,8 @@ def test_sr_local_decay_spares_the_largest_gammas_from_the_start_epoch_on(tmp_pa
     assert (g_local[~big] - g_sr[~big]).abs().mean() < spared / 4
     with pytest.raises(DarkslimError, match='--sr-local 1.5; expected a share of channels in'):
         run_train(*common, '--out-dir', tmp_path / 'bad', '--sr-local', 1.5)
+    with pytest.raises(DarkslimError, match='--sr-local 0.5 without -sr; expected -sr'):
+        run_train(*[a for a in common if a != '-sr'], '--out-dir', tmp_path / 'bad', '--sr-local', 0.5)
 
 
 def test_model_ema_is_the_decayed_average():
