@@ -288,6 +288,7 @@ def test_summary_cli_validates_weights_exit_2(tmp_path):
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and 'Traceback' not in r.stderr
     assert r.stderr.strip().count('\n') == 0 and 'holds 100 floats' in r.stderr
+    assert r.stdout == ''  # validated before the layer table is printed
 
 
 def test_cutoff_saves_and_loads_only_the_first_layers(tmp_path):

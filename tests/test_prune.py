@@ -408,6 +408,60 @@ def test_cli_too_high_percent_is_one_line_exit_2_without_output(narrow_v3, tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_cut_that_removes_nothing_is_refused_and_writes_nothing(narrow_v3, tmp_path):
+    cfg, weights, model = narrow_v3
+    ls = get_layer_set(model.module_defs, 'normal')
+    with pytest.raises(DarkslimError, match='nothing to prune: percent 0 removes no channel'):
+        make_plan(model, ls, 'normal', percent=0)
+    with pytest.raises(DarkslimError, match='nothing to prune'):  # below every |gamma|, the zeros included
+        make_plan(model, ls, 'normal', threshold=0)
+    r = run_cli('normal_prune.py', '--cfg', cfg, '--weights', weights, '--percent', '0', '--out', tmp_path / 'p')
+    assert one_line_error(r), r.stderr
+    assert r.stderr.startswith('error: nothing to prune') and r.stdout == ''
+    assert list(tmp_path.iterdir()) == []
+
+
+def _checkpoint_trained_as(tmp_path, model, **args):
+    return save_checkpoint(tmp_path / 'trained.pt', model, args={'cfg': 'x.cfg', **args})
+
+
+@pytest.mark.parametrize('trained, strategy, expected', [
+    ({'sr': False}, 'shortcut', 'was not sparse-trained (train.py without -sr)'),
+    ({'sr': True, 'prune': 0}, 'shortcut', 'was sparse-trained for the normal layer set (-sr --prune 0), not the '
+                                          'shortcut one'),
+    ({'sr': True, 'prune': 1}, 'shortcut', None),
+    ({'sr': True, 'prune': 0}, 'normal', None),
+])
+def test_prune_warns_when_the_checkpoint_was_sparse_trained_for_another_layer_set(tmp_path, narrow_v3, trained,
+                                                                                 strategy, expected):
+    cfg, _, model = narrow_v3
+    pt = _checkpoint_trained_as(tmp_path, model, **trained)
+    script = f"{strategy}_prune.py"
+    r = run_cli(script, '--cfg', cfg, '--weights', pt, '--percent', '0.3', '--latency-runs', '0', '--out',
+                tmp_path / 'p')
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stdout.splitlines() if line.startswith('warning:')]
+    report = json.loads((tmp_path / 'p.json').read_text())['sparsity_training']
+    if expected is None:
+        assert warnings == [] and report['warning'] is None
+    else:
+        assert len(warnings) == 1 and expected in warnings[0] and report['warning'] == warnings[0]
+    assert report['sparse_trained'] == trained['sr']
+
+
+def test_power_of_two_rounding_keeps_at_least_8_unless_the_layer_is_smaller(tmp_path):
+    model = random_gamma_model(tmp_path, seed=11)
+    ls = get_layer_set(model.module_defs, 'regular')
+    loose = make_plan(model, ls, 'normal', percent=0.85, min_keep=1)
+    plan = make_plan(model, ls, 'regular', percent=0.85, min_keep=1, round_to='pow2')
+    few = [i for i, keep in loose.keep.items() if 0 < keep.sum() < 8 < len(keep)]
+    assert few, 'the cut must leave some layer with 1..7 of more than 8 channels'
+    for i, keep in plan.keep.items():
+        n, k, cut = len(keep), int(keep.sum()), int(loose.keep[i].sum())
+        # the next power of two of what the cut keeps, floored at 8, capped at the layer's size
+        assert k == min(n, max(8, 1 << (cut - 1).bit_length())), (i, cut, k, n)
+
+
 def test_cli_without_arguments_prunes_weights_last_pt_or_says_what_to_pass(tmp_path):
     r = run_cli('shortcut_prune.py', cwd=tmp_path)
     assert one_line_error(r) and 'weights/last.pt' in r.stderr and '--weights' in r.stderr

@@ -635,6 +635,18 @@ def test_two_process_ddp_ranks_agree_and_equal_one_process_over_the_whole_batch(
     assert _max_param_diff(mixed, single, names) > 1e-4         # other batches give other weights: the check bites
 
 
+def test_resume_does_not_need_the_weights_file_the_run_started_from(tmp_path, shapes, tiny5):
+    start = tmp_path / 'start.pt'
+    common = ['--data', shapes, '--img-size', 64, '--batch-size', 4, '--workers', 0, '--notest']
+    run_train('--cfg', tiny5, *common, '--epochs', 1, '--out-dir', tmp_path / 'base')
+    os.replace(tmp_path / 'base' / 'last.pt', start)
+    run_train('--cfg', tiny5, *common, '--weights', start, '--epochs', 1, '--out-dir', tmp_path / 'run')
+    start.unlink()                                    # the start weights are moved away after the first run
+    resumed = run_train('--resume', tmp_path / 'run' / 'last.pt', '--epochs', 2, '--workers', 0)
+    assert resumed['start_epoch'] == 1
+    assert torch.load(tmp_path / 'run' / 'last.pt', weights_only=True)['epoch'] == 1
+
+
 def test_resume_keeps_options_given_explicitly_even_at_their_default():
     # the interrupted run used --device cuda; `--resume --device cpu` must stay on cpu (cpu is the default)
     args = train_module.get_args_parser().parse_args(['--resume', '--device', 'cpu', '--epochs', '3'])
