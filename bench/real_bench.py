@@ -14,7 +14,9 @@ B. The full pipeline: (i) dense fine-tune baseline for E epochs, (ii) sparse tra
    E epochs and lr at --s, (iii) tiny prune at 0.3 and 0.5 with and without calibration, (iv) F fine-tuning
    epochs of each; mAP, params, BFLOPs and CPU latency (batch 1, fused, 1 thread, all models timed
    alternately at the end) in one table; every written cfg + weights is loaded in OpenCV and compared with our
-   forward on a real image.
+   forward on a real image. With --sr-local SHARE (and --sr-local-start) the sparse training of (ii) uses local
+   s decay (train.py --sr-local); --b-key stores such a run beside B (B_local, B_local2 in real.json), with
+   its gamma histogram as bench/results/real-<key>-gamma-hist.png.
 Prints tables and writes bench/results/real.json (A and B as run; a part not run keeps its earlier result).
 """
 import argparse
