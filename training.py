@@ -441,7 +441,7 @@ def local_sparsity(run, epoch):
     if run.sr is None or cfg.sr_local is None or epoch < int(cfg.sr_local_start * cfg.epochs):
         return
     pressed = run.sr.local_decay(cfg.sr_local)
-    run.log(f"epoch {epoch} local s decay: {pressed} of the {sum(bn.num_features for bn in run.sr.bns.values())} "
+    run.log(f"epoch {epoch} local s decay: {pressed} of the {run.sr.channels} "
             f"prunable channels (the smallest |gamma|) at s={cfg.s:g}, the others at {cfg.s * LOCAL_DECAY:g}")
 
 

@@ -75,8 +75,8 @@ def main(args):
     table += [[r['seed'], f"{r['model']} ({os.path.basename(r['cfg'])})", r['best_epoch'], f"{r['map50']:.4f}",
                r['target'], 'yes' if r['met'] else 'NO', f"{r['gamma_small_share']:.1%}"] for r in rows]
     print_table(table, ' demo sparse training by seed ')
-    write_result('demo-seeds', {'ema': not args.no_ema, 'demo_args': args.demo_args, 'jobs': dargs.jobs, 'rows': rows, 'steps': log,
-                                'seconds': round(time.perf_counter() - t, 1)}, load)
+    write_result('demo-seeds', {'ema': not args.no_ema, 'demo_args': args.demo_args, 'jobs': dargs.jobs,
+                                'rows': rows, 'steps': log, 'seconds': round(time.perf_counter() - t, 1)}, load)
     return 0
 
 

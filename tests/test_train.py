@@ -235,27 +235,6 @@ def test_sparsity_step_adds_s_sign_gamma_to_exactly_the_prunable_layers(capsys):
         assert f"{i}: {why}" in out
 
 
-def test_sparsity_stats_and_histogram(tmp_path):
-    model = model_from_text(mini_tiny(nc=2, width=64, height=64))
-    layer_set = get_layer_set(model.module_defs, 2)
-    n = sum(model.module_list[i][1].num_features for i in layer_set.prunable)
-    values = torch.linspace(0, 1, n)  # evenly spread |gamma|: share < 0.01 and percentiles known in closed form
-    k = 0
-    with torch.no_grad():
-        for i in sorted(layer_set.prunable):
-            w = model.module_list[i][1].weight
-            w.copy_(-values[k:k + w.numel()])  # negative: the stats use |gamma|
-            k += w.numel()
-    st = sparsity_stats(model, layer_set)
-    assert st['channels'] == n
-    assert st['small_share'] == pytest.approx(sum(1 for j in range(n) if j / (n - 1) < 0.01) / n)
-    assert st['p50'] == pytest.approx(0.5, abs=1e-6) and st['p90'] == pytest.approx(0.9, abs=1e-6)
-    counts, _ = gamma_histogram_png(model, layer_set, tmp_path / 'h.png', title='t')
-    assert counts.sum() == n
-    img = cv2.imread(str(tmp_path / 'h.png'))
-    assert img is not None and (img < 128).any()
-
-
 def _set_gammas(model, layers, values):
     """Write `values` (flat) into the BN gammas of `layers`, in layer order."""
     k = 0
@@ -264,6 +243,22 @@ def _set_gammas(model, layers, values):
             w = model.module_list[i][1].weight
             w.copy_(values[k:k + w.numel()])
             k += w.numel()
+
+
+def test_sparsity_stats_and_histogram(tmp_path):
+    model = model_from_text(mini_tiny(nc=2, width=64, height=64))
+    layer_set = get_layer_set(model.module_defs, 2)
+    n = sum(model.module_list[i][1].num_features for i in layer_set.prunable)
+    values = torch.linspace(0, 1, n)  # evenly spread |gamma|: share < 0.01 and percentiles known in closed form
+    _set_gammas(model, layer_set.prunable, -values)  # negative: the stats use |gamma|
+    st = sparsity_stats(model, layer_set)
+    assert st['channels'] == n
+    assert st['small_share'] == pytest.approx(sum(1 for j in range(n) if j / (n - 1) < 0.01) / n)
+    assert st['p50'] == pytest.approx(0.5, abs=1e-6) and st['p90'] == pytest.approx(0.9, abs=1e-6)
+    counts, _ = gamma_histogram_png(model, layer_set, tmp_path / 'h.png', title='t')
+    assert counts.sum() == n
+    img = cv2.imread(str(tmp_path / 'h.png'))
+    assert img is not None and (img < 128).any()
 
 
 def test_local_decay_keeps_the_full_rate_on_the_smallest_share_only():

@@ -52,9 +52,13 @@ class BNSparsity:
         if verbose:
             print(self.describe())
 
+    @property
+    def channels(self):
+        """How many channels are regularized (all layers together)."""
+        return sum(bn.num_features for bn in self.bns.values())
+
     def describe(self):
-        n_ch = sum(bn.num_features for bn in self.bns.values())
-        lines = [f"sparsity (-sr, s={self.s:g}): {len(self.layers)} BN layers regularized ({n_ch} channels): "
+        lines = [f"sparsity (-sr, s={self.s:g}): {len(self.layers)} BN layers regularized ({self.channels} channels): "
                  + (', '.join(map(str, self.layers)) or 'none'),
                  f"sparsity: {len(self.excluded)} BN layers excluded:"]
         lines += [f"  {i}: {why}" for i, why in sorted(self.excluded.items())]
