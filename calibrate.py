@@ -33,7 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prune_utils import channel_flow, compact_model, loose_model
+import channels
+from channels import channel_flow
+from prune_utils import compact_model, loose_model
 from utils.datasets import LoadImagesAndLabels, list_images, parse_data_cfg
 from utils.errors import DarkslimError
 
@@ -83,7 +85,8 @@ def _batches(images, batch, device):
         yield images[s:s + batch].to(device)
 
 
-def _count(images):
+def count_images(images):
+    """How many images a tensor [N, 3, H, W] or a list of such batches holds."""
     return sum(len(x) for x in images) if isinstance(images, (list, tuple)) else len(images)
 
 
@@ -243,8 +246,8 @@ def _consumers(original, compact, plan):
     """_Consumer per conv that reads removed channels, in forward order."""
     flow = channel_flow(original, plan.keep)
     out = []
-    for i, d in enumerate(original.module_defs):
-        if d['type'] != 'convolutional' or i == 0 or bool(flow[i - 1][0].all()):
+    for i in channels.convs(original.module_defs):
+        if i == 0 or bool(flow[i - 1][0].all()):
             continue
         conv = compact.module_list[i][0]
         if conv.groups != 1:
@@ -493,7 +496,7 @@ def refit_consumers(original, compact, plan, images, options=None, verbose=True)
     if not 0 <= opt.holdout < 1:
         raise DarkslimError(f"refit holdout {opt.holdout}; expected a share in [0, 1)")
     consumers = _consumers(original, compact, plan)
-    n = _count(images)
+    n = count_images(images)
     if not consumers or n == 0:
         return []
     n_hold = min(n - 1, max(1, round(opt.holdout * n))) if opt.holdout > 0 and n > 1 else 0
@@ -515,14 +518,7 @@ def refit_consumers(original, compact, plan, images, options=None, verbose=True)
 def affected_layers(model, plan):
     """Conv layers whose input the prune changes: the consumers of removed channels and every conv after them
     in the graph (through route/shortcut/maxpool/upsample); the others see exactly the original inputs."""
-    flow = channel_flow(model, plan.keep)
-    changed = []                                    # per layer: does its output differ from the original's?
-    for i, d in enumerate(model.module_defs):
-        ins = model.inputs[i] if d['type'] in ('route', 'shortcut') else [i - 1] if i else []
-        fed = any(changed[j] for j in ins) or (d['type'] == 'convolutional' and i > 0
-                                               and not bool(flow[i - 1][0].all()))
-        changed.append(fed)
-    return [i for i, d in enumerate(model.module_defs) if d['type'] == 'convolutional' and changed[i]]
+    return channels.changed_layers(model, plan.keep)
 
 
 def recalibrate_bn(model, images, batch=8, layers=None):
@@ -594,10 +590,11 @@ def calibrated_compact(model, plan, images, steps=DEFAULT_STEPS, batch=8, refit=
     is unchanged."""
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
-        raise DarkslimError(f"calibration steps {list(steps)}: unknown {unknown}; expected any of {list(STEPS)}")
+        raise DarkslimError(f"{{calib_steps}} {list(steps)}: unknown {unknown}; expected any of {list(STEPS)}",
+                            param='calib_steps')
     if bn_layers not in ('affected', 'all'):
         raise DarkslimError(f"bn_layers {bn_layers!r}; expected 'affected' or 'all'")
-    report = CalibrationReport(tuple(s for s in STEPS if s in steps), _count(images))
+    report = CalibrationReport(tuple(s for s in STEPS if s in steps), count_images(images))
     dev = _device(model)
     t0 = time.perf_counter()
     constants = mean_activations(model, sorted(plan.keep), images, batch) if 'mean' in steps else None

@@ -1,13 +1,14 @@
-"""The command-line side shared by normal_prune.py, regular_prune.py, shortcut_prune.py and tiny_prune.py.
+"""The command-line side shared by normal_prune.py, regular_prune.py, shortcut_prune.py, tiny_prune.py and
+layer_prune.py.
 
 Each script is `get_args_parser()` (built with `add_prune_args`) + `main(args)` = `run(args, strategy)`:
-resolve the inputs, load, layer set -> plan -> surgery (prune_utils), report (params, BFLOPs, .weights size,
-CPU latency, optional mAP on --data) and write the outputs. Library errors name parameters (percent,
-min_keep, ...); this layer turns them into the flags a user typed.
+resolve the inputs, load, prune (pruning.prune: layer set -> importance -> plan -> surgery -> calibration),
+report (params, BFLOPs, .weights size, CPU latency, optional mAP on --data) and write the outputs. Library
+errors name parameters (percent, min_keep, ...); `FLAGS` maps each to the flag a user typed.
 """
 import copy
+import json
 import os
-import re
 import time
 from dataclasses import dataclass
 
@@ -16,31 +17,46 @@ from terminaltables import AsciiTable
 import calibrate
 import models
 import prune_utils
+import pruning
+from importance import IMPORTANCES
 from utils.errors import DarkslimError
 from utils.evaluate import evaluate
 from utils.torch_utils import select_device
 
 DEFAULT_WEIGHTS = os.path.join('weights', 'last.pt')   # train.py's default output
 DEFAULT_CALIB_STEPS = calibrate.DEFAULT_STEPS   # measured best on the real yolov3-tiny (bench/real_bench.py A)
-FLAGS = {'percent': '--percent', 'threshold': '--threshold', 'min_keep': '--min-keep', 'round_to': '--round-to'}
+FLAGS = {'percent': '--percent', 'threshold': '--threshold', 'min_keep': '--min-keep', 'round_to': '--round-to',
+         'n_blocks': '--shortcuts', 'calib': '--calib', 'calib_steps': '--calib-steps', 'importance': '--importance',
+         'plan': '--plan', 'strategy': 'the script'}
+MODEL_PARAMS = {'n_blocks', 'plan'}    # errors about what the model holds: the message names the model file
 
 
 def add_prune_args(p, strategy):
-    """The options every prune script takes (regular adds --round-to)."""
+    """The options every prune script takes (regular and layer add --round-to, layer adds --shortcuts)."""
     p.add_argument('--cfg', help='model cfg (optional for a .pt that stores its cfg)')
     p.add_argument('--weights', help=f'sparse-trained .weights or .pt (default: {DEFAULT_WEIGHTS})')
     p.add_argument('--data', help='.data file: evaluate mAP of the original, loose and compact models')
+    if strategy == 'layer':
+        p.add_argument('--shortcuts', type=int, metavar='N',
+                       help='remove the N candidate residual blocks with the lowest score (0: none; required '
+                            'unless --plan)')
     how = p.add_mutually_exclusive_group()
-    how.add_argument('--percent', type=float,
-                     help=f"share of prunable channels to remove (default {default_percent(strategy)})")
-    how.add_argument('--threshold', type=float, help='remove channels with |gamma| below this')
+    share = f"default {default_percent(strategy)}" if strategy != 'layer' else \
+        'then also from the remaining network, in shortcut mode; default: no channel prune'
+    how.add_argument('--percent', type=float, help=f"share of prunable channels to remove ({share})")
+    how.add_argument('--threshold', type=float, help='remove channels scoring below this')
     p.add_argument('--min-keep', type=int, metavar='K',
                    help='off by default: a layer the cut would empty stops the prune with an error; with K, such '
-                        'a layer keeps its K highest-|gamma| channels and the prune goes on (other layers are '
+                        'a layer keeps its K highest-score channels and the prune goes on (other layers are '
                         'left as cut)')
-    if strategy == 'regular':
-        p.add_argument('--round-to', type=int,
-                       help='round kept counts up to a multiple of N (8/16/32); default: a power of two')
+    if strategy in ('regular', 'layer'):
+        p.add_argument('--round-to', type=int, metavar='N',
+                       help='round kept counts up to a multiple of N (8/16/32)' +
+                            ('; default: a power of two' if strategy == 'regular' else ''))
+    p.add_argument('--importance', default='gamma', choices=sorted(IMPORTANCES),
+                   help='channel score: ' + '; '.join(f"{k}: {v.label}" for k, v in sorted(IMPORTANCES.items())))
+    p.add_argument('--plan', metavar='FILE', help="replay the plan of an earlier prune (its .json or .pt) on the "
+                                                 "same weights: the same outputs, choices not made again")
     p.add_argument('--img-size', type=int, help="input size for BFLOPs, latency and mAP (default: the cfg's)")
     p.add_argument('--calib', type=int, default=0, metavar='N',
                    help='calibrated surgery on N images of the --data train split (0: the plain beta fold); for '
@@ -51,8 +67,8 @@ def add_prune_args(p, strategy):
     p.add_argument('--batch-size', type=int, default=16, help='batch size for mAP evaluation')
     p.add_argument('--device', default='cpu', help='cpu | cuda | cuda:N (mAP evaluation)')
     p.add_argument('--latency-runs', type=int, default=5, help='timed CPU forward passes per model (0 = skip)')
-    p.add_argument('--out', help='output prefix (default weights/<cfg stem>-<strategy>-<percent or t<threshold>>'
-                                 '[-pow2 | -r<N> for regular])')
+    p.add_argument('--out', help='output prefix (default weights/<cfg stem>-<strategy>[-s<N>]-<percent or '
+                                 't<threshold>>[-pow2 | -r<N>])')
     return p
 
 
@@ -63,10 +79,10 @@ def default_percent(strategy):
 
 
 def round_to_of(args, strategy):
-    """regular: --round-to N, or 'pow2' without it; other strategies never round."""
-    if strategy != 'regular':
-        return None
-    return 'pow2' if args.round_to is None else args.round_to
+    """regular: --round-to N, or 'pow2' without it; layer: --round-to N or None; other strategies never round."""
+    if strategy == 'regular':
+        return 'pow2' if args.round_to is None else args.round_to
+    return getattr(args, 'round_to', None) if strategy == 'layer' else None
 
 
 @dataclass
@@ -80,48 +96,80 @@ class PruneInputs:
 
 def _default_prefix(args, strategy, weights, percent):
     stem = os.path.splitext(os.path.basename(args.cfg or weights))[0]
-    value = f"{percent:g}" if percent is not None else f"t{args.threshold:g}"
+    parts = [stem, strategy]
+    if strategy == 'layer':
+        parts.append('plan' if args.shortcuts is None else f"s{args.shortcuts}")
+    if percent is not None or args.threshold is not None:
+        parts.append(f"{percent:g}" if percent is not None else f"t{args.threshold:g}")
     round_to = round_to_of(args, strategy)
     rounding = '' if round_to is None else '-pow2' if round_to == 'pow2' else f"-r{round_to}"
-    return os.path.join('weights', f"{stem}-{strategy}-{value}{rounding}")
+    return os.path.join('weights', '-'.join(parts) + rounding)
 
 
-def resolve_inputs(args, strategy, prefix=None):
+def _default_weights(weights):
+    if weights is not None:
+        return weights
+    if not os.path.isfile(DEFAULT_WEIGHTS):
+        raise DarkslimError(f"no --weights given and {DEFAULT_WEIGHTS} (train.py's default output) does not "
+                            "exist; expected --cfg C --weights W (.weights or .pt)")
+    return DEFAULT_WEIGHTS
+
+
+def resolve_inputs(args, strategy):
     """PruneInputs: with no --weights, train.py's weights/last.pt; with neither --percent nor --threshold, the
-    strategy's default percent; the output prefix is --out, else `prefix`, else one under weights/. Outputs
-    may never overwrite inputs."""
-    weights = args.weights
-    if weights is None:
-        if not os.path.isfile(DEFAULT_WEIGHTS):
-            raise DarkslimError(f"no --weights given and {DEFAULT_WEIGHTS} (train.py's default output) does not "
-                                "exist; expected --cfg C --weights W (.weights or .pt)")
-        weights = DEFAULT_WEIGHTS
+    strategy's default percent; the output prefix is --out, else one under weights/. Outputs may never
+    overwrite inputs."""
+    weights = _default_weights(args.weights)
     if not os.path.isfile(weights):
         raise DarkslimError(f"{weights}: no such weights file")
     if args.cfg is None and not models.is_torch_file(weights):
         raise DarkslimError(f"{weights}: darknet .weights store no cfg; expected --cfg C")
     select_device(args.device)                        # a bad --device fails now, before any work
-    calib = getattr(args, 'calib', 0)
-    if calib < 0:
-        raise DarkslimError(f"--calib {calib}; expected a number of images >= 0")
-    if calib and not args.data:
-        raise DarkslimError(f"--calib {calib} needs --data (its train split gives the calibration images)")
+    if args.calib < 0:
+        raise DarkslimError(f"--calib {args.calib}; expected a number of images >= 0")
+    if args.calib and not args.data:
+        raise DarkslimError(f"--calib {args.calib} needs --data (its train split gives the calibration images)")
+    if strategy == 'layer' and args.shortcuts is None and args.plan is None:
+        raise DarkslimError("--shortcuts N is required (or --plan FILE to replay a layer prune)")
     percent = args.percent
-    if percent is None and args.threshold is None:
+    if percent is None and args.threshold is None and args.plan is None:
         percent = default_percent(strategy)
-    prefix = args.out or prefix or _default_prefix(args, strategy, weights, percent)
+    prefix = args.out or _default_prefix(args, strategy, weights, percent)
     for ext in prune_utils.OUTPUT_EXTS:
-        for src in (args.cfg, weights):
+        for src in (args.cfg, weights, args.plan):
             if src is not None and os.path.abspath(prefix + ext) == os.path.abspath(src):
                 raise DarkslimError(f"--out {prefix}: {prefix + ext} is an input; expected another prefix "
                                     "(inputs are never overwritten)")
     return PruneInputs(args.cfg, weights, prefix, percent)
 
 
-def as_flags(error):
-    """A library DarkslimError with parameter names (percent, min_keep, ...) reworded with the CLI flags."""
-    text = re.sub(r'\b(' + '|'.join(FLAGS) + r')\b', lambda m: FLAGS[m.group(1)], str(error))
-    return DarkslimError(text.replace('or --min-keep K to keep', 'or pass --min-keep K to keep'))
+def cli_error(error, source):
+    """A library DarkslimError shown with the CLI's flags; errors about what the model holds name its file."""
+    text = error.shown(FLAGS)
+    return DarkslimError(f"{source}: {text}" if error.param in MODEL_PARAMS else text)
+
+
+def load_plan(path):
+    """The plan stored by a prune: its .json ('plan') or its .pt ('prune')."""
+    if path is None:
+        return None
+    if models.is_torch_file(path):
+        stored = models.read_checkpoint(path).get('prune')
+    else:
+        try:
+            with open(path) as f:
+                stored = json.load(f).get('plan')
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise DarkslimError(f"{path}: not a prune's .json; expected the PREFIX.json a prune wrote") from None
+    if not isinstance(stored, dict):
+        raise DarkslimError(f"{path}: holds no prune plan; expected the PREFIX.json or PREFIX.pt a prune wrote")
+    return stored
+
+
+def prune_options(args, strategy, inputs):
+    calib_steps = tuple(s for s in args.calib_steps.split(',') if s)
+    return pruning.PruneOptions(inputs.percent, args.threshold, args.min_keep, round_to_of(args, strategy),
+                                getattr(args, 'shortcuts', None), args.importance, calib_steps, load_plan(args.plan))
 
 
 def img_hw(model, img_size):
@@ -174,27 +222,16 @@ def evaluate_and_report(args, strategy, nets, inputs, prune_s):
             'before': before, 'after': after, 'map': maps, 'prune_seconds': prune_s}
 
 
-def make_plan(args, strategy, model, inputs):
-    """(layer set, plan) for the command line's options; library errors reworded with the flags."""
-    try:
-        layer_set = prune_utils.get_layer_set(model.module_defs, strategy, model.in_channels)
-        plan = prune_utils.make_plan(model, layer_set, strategy, inputs.percent, args.threshold, args.min_keep,
-                                     round_to_of(args, strategy))
-    except DarkslimError as e:
-        raise as_flags(e) from None
-    return layer_set, plan
-
-
 def sparsity_check(weights, strategy):
-    """{'sparse_trained', 'trained_mode', 'warning'} from the training options a .pt stores: a prune ranks |gamma|
-    of all prunable layers together, which is only fair when exactly those were regularized (-sr for the same
-    layer set). None for darknet .weights (they carry no training options)."""
+    """{'sparse_trained', 'trained_mode', 'warning'} from the training options a .pt stores: a prune ranks scores
+    of all prunable layers together, which is only fair for |gamma| when exactly those were regularized (-sr
+    for the same layer set). None for darknet .weights (they carry no training options)."""
     if not models.is_torch_file(weights):
         return None
     saved = models.checkpoint_args(weights)
     if not saved:
         return None
-    wanted = prune_utils.MODES[strategy]
+    wanted = pruning.MODE_OF[strategy]
     trained = prune_utils.MODES.get(saved.get('prune', 0), str(saved.get('prune'))) if saved.get('sr') else None
     warning = None
     if trained is None:
@@ -210,40 +247,43 @@ def sparsity_check(weights, strategy):
     return {'sparse_trained': trained is not None, 'trained_mode': trained, 'warning': warning}
 
 
-def calibrated(args, model, plan, compact):
-    """--calib N: (calibrated compact model, JSON summary) from N train images of --data; (compact, None) without."""
-    if not args.calib:
-        return compact, None
-    steps = tuple(s for s in args.calib_steps.split(',') if s)
-    images = calibrate.calibration_images(args.data, args.calib, args.img_size or max(model.img_size))
-    try:
-        better, report = calibrate.calibrated_compact(model, plan, images, steps=steps)
-    except DarkslimError as e:
-        raise DarkslimError(str(e).replace('calibration steps', '--calib-steps')) from None
-    return better, {'steps': list(report.steps), 'images': report.images,
-                    'seconds': {k: round(v, 2) for k, v in report.seconds.items()}}
+def print_plan(result):
+    """The layer list and plan (for a layer prune: the candidate blocks, then the channel prune if any)."""
+    if result.strategy == 'layer':
+        print(result.plan.table())
+        if result.plan.channel_plan is not None:
+            print('channel prune of the block-pruned network (its layer numbers):')
+            print(result.layer_set.describe())
+            print(result.plan.channel_plan.table())
+    else:
+        print(result.layer_set.describe())
+        print(result.plan.table())
+    for line in result.warnings:
+        print(line)
+    if result.calibration:
+        print(f"calibration: {result.calibration['images']} train images, steps {result.calibration['steps']}")
 
 
 def run(args, strategy):
-    """A prune script's whole job ('normal' | 'regular' | 'shortcut' | 'tiny'): load, layer set, plan (a bad
-    plan fails before anything is printed or written), print the layer list and plan, loose and compact
-    surgery, report, write PREFIX.{cfg,weights,pt,json} and PREFIX-channels.png. Returns {ext: path}."""
+    """A prune script's whole job ('normal' | 'regular' | 'shortcut' | 'tiny' | 'layer'): load, plan and surgery
+    (a bad plan fails before anything is printed or written), print the layer list and plan, report, write
+    PREFIX.{cfg,weights,pt,json} and PREFIX-channels.png. Returns {ext: path}."""
     t0 = time.perf_counter()
     inputs = resolve_inputs(args, strategy)
     model = models.load_model(inputs.cfg, inputs.weights, img_size=args.img_size)
-    layer_set, plan = make_plan(args, strategy, model, inputs)
+    options = prune_options(args, strategy, inputs)
+    images = calibrate.calibration_images(args.data, args.calib, args.img_size or max(model.img_size),
+                                          verbose=False) if args.calib else None
+    try:
+        result = pruning.prune(model, strategy, options, images)
+    except DarkslimError as e:
+        raise cli_error(e, inputs.cfg or inputs.weights) from None
     sparsity = sparsity_check(inputs.weights, strategy)
-    print(layer_set.describe())
-    print(plan.table())
-    loose = prune_utils.loose_model(model, plan)
-    compact = prune_utils.compact_model(model, plan, loose)
-    nets = {'original': model, 'loose': loose, 'compact': compact}
-    nets['compact'], calibration = calibrated(args, model, plan, compact)
-    if calibration:
-        nets['beta_fold'] = compact
-    report = evaluate_and_report(args, strategy, nets, inputs, time.perf_counter() - t0)
+    print_plan(result)
+    report = evaluate_and_report(args, strategy, result.nets, inputs, time.perf_counter() - t0)
     report['sparsity_training'] = sparsity
-    report['calibration'] = calibration
-    paths = prune_utils.write_outputs(inputs.prefix, nets['compact'], plan, report)
+    report['calibration'] = result.calibration
+    report['warnings'] = result.warnings
+    paths = prune_utils.write_outputs(inputs.prefix, result.nets['compact'], result.plan, report)
     print('wrote ' + ', '.join(paths.values()))
     return paths

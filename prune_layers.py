@@ -32,14 +32,20 @@ import numpy as np
 import torch
 from terminaltables import AsciiTable
 
+import channels
 import models
 import prune_utils
+from importance import get_importance
 from utils.errors import DarkslimError
 from utils.parse_config import conv_geometry
 
 STRATEGY = 'layer'
 SPARSE_MODE = 'shortcut'      # the layer set whose gammas `train.py -sr --prune 1` regularizes
-SCORE = 'mean |gamma| of the BN of the last branch conv'
+
+
+def score_label(importance='gamma'):
+    """What a block's score is, for tables and the JSON."""
+    return f"mean {get_importance(importance).label} of the last branch conv's channels"
 
 
 # --- blocks -----------------------------------------------------------------------------------------------------
@@ -49,7 +55,7 @@ class Block:
     """One residual block: [shortcut] `shortcut` adds layer `source` (its `from`) to the output of `branch`, the
     convs source+1 .. shortcut-1, each reading the one before. Removing the block deletes `branch` and `shortcut`.
 
-    score: mean |gamma| of the last branch conv's BN (None until scored)
+    score: the mean importance score of the last branch conv's channels (None until scored)
     regularized: whether `train.py -sr --prune 1` regularizes that gamma; `note` says why not
     """
     shortcut: int
@@ -79,21 +85,12 @@ class BlockSet:
         return sorted(self.candidates, key=lambda b: (b.score, b.shortcut))
 
 
-def _readers(graph):
-    """layer -> layers that read it (implicitly as the previous layer, or through `layers` / `from`)."""
-    out = {}
-    for i, ins in enumerate(graph.inputs):
-        for j in ins:
-            out.setdefault(j, []).append(i)
-    return out
-
-
 def _branch_problem(defs, graph, readers, s, f):
     """Why the layers between `from` layer f and [shortcut] s are no removable branch, or ''."""
     branch = list(range(f + 1, s))
     if not branch:
         return f"from={defs[s]['from'][0]} adds the previous layer: no branch between"
-    other = [j for j in branch if defs[j]['type'] != 'convolutional']
+    other = [j for j in branch if not channels.is_conv(defs[j])]
     if other:
         return f"branch {f + 1}..{s - 1} holds [{defs[other[0]]['type']}] {other[0]}; expected a plain chain of convs"
     for j in branch:
@@ -109,24 +106,8 @@ def _branch_problem(defs, graph, readers, s, f):
     if not last.get('batch_normalize', 0):
         return f"last branch conv {s - 1} has no BN (no gamma to score)"
     act = last.get('activation', 'logistic')
-    if act not in prune_utils.ZERO_AT_ZERO:
+    if act not in channels.ZERO_AT_ZERO:
         return f"last branch conv {s - 1} activation {act} (act(0) != 0)"
-    return ''
-
-
-def _reach_problem(defs, graph, s):
-    """Why the constant of removed block s could not be folded (a layer it reaches absorbs no shift), or ''.
-    It reaches every layer reading s or a reached layer, through anything but a conv (a conv absorbs it)."""
-    reached = {s}
-    for k in range(s + 1, len(defs)):
-        if defs[k]['type'] != 'convolutional' and any(j in reached for j in graph.inputs[k]):
-            t = defs[k]['type']
-            if t == 'yolo':
-                return f"its constant act(beta) would reach [yolo] {k} with no conv between to absorb it"
-            if t == 'shortcut' and defs[k].get('activation', 'linear') != 'linear':
-                return (f"its constant would pass [shortcut] {k} activation {defs[k]['activation']} "
-                        "(not linear: act(x + c) is no shift of act(x))")
-            reached.add(k)
     return ''
 
 
@@ -135,20 +116,20 @@ def find_blocks(module_defs, in_channels=3):
     [shortcut] is not one. Each candidate's last conv is checked against the shortcut layer set (what
     `train.py -sr --prune 1` regularizes)."""
     defs = list(module_defs)
-    graph = prune_utils.Graph(defs, in_channels)
-    readers = _readers(graph)
+    graph = channels.Graph(defs, in_channels)
+    readers = graph.readers()
     sparse = prune_utils.get_layer_set(defs, SPARSE_MODE, in_channels)
     out = BlockSet()
-    for s, d in enumerate(defs):
-        if d['type'] != 'shortcut':
-            continue
+    for s in channels.layers_of_kind(defs, 'sum'):
+        d = defs[s]
         if len(d['from']) != 1:
             out.rejected[s] = f"adds {len(d['from']) + 1} layers (from={','.join(map(str, d['from']))}); expected one"
             continue
         act = d.get('activation', 'linear')
         f = graph.inputs[s][1]
         why = (f"activation {act} (removing it turns act(x + branch) into x, no constant shift)"
-               if act != 'linear' else _branch_problem(defs, graph, readers, s, f) or _reach_problem(defs, graph, s))
+               if act != 'linear' else _branch_problem(defs, graph, readers, s, f)
+               or channels.constant_reach_problem(graph, s))
         if why:
             out.rejected[s] = why
             continue
@@ -161,10 +142,12 @@ def find_blocks(module_defs, in_channels=3):
     return out
 
 
-def score_blocks(model, block_set):
-    """Set each candidate's score: the mean |gamma| of its last conv's BN (float64)."""
+def score_blocks(model, block_set, importance='gamma', images=None):
+    """Set each candidate's score: the mean `importance` score of its last conv's channels (float64; for
+    'gamma', the mean |gamma| of its BN, tanluren's layer-pruning criterion)."""
+    scores = get_importance(importance).scores(model, [b.last for b in block_set.candidates], images)
     for b in block_set.candidates:
-        b.score = float(model.module_list[b.last][1].weight.detach().abs().double().mean())
+        b.score = float(scores[b.last].mean())
     return block_set
 
 
@@ -188,6 +171,7 @@ class LayerPlan:
     filters: dict
     channel_plan: object = None
     strategy: str = STRATEGY
+    importance: str = 'gamma'
 
     def final_filters(self, i):
         """Filters of original conv i in the pruned network (0 when its block was removed)."""
@@ -213,7 +197,7 @@ class LayerPlan:
         for r, b in enumerate(self.block_set.by_score(), 1):
             rows.append([r, b.shortcut, b.source, ','.join(map(str, b.branch)), f"{b.score:.6g}",
                          'yes' if b.shortcut in gone else '', 'yes' if b.regularized else 'NO'])
-        text = AsciiTable(rows, f" candidate blocks ({SCORE}) ").table
+        text = AsciiTable(rows, f" candidate blocks (score: {score_label(self.importance)}) ").table
         for s, why in sorted(self.block_set.rejected.items()):
             text += f"\n[shortcut] {s} is not a candidate: {why}"
         for b in self.block_set.candidates:
@@ -225,7 +209,8 @@ class LayerPlan:
         return text
 
     def to_json(self):
-        return {'strategy': self.strategy, 'score': SCORE, 'sparse_mode': SPARSE_MODE,
+        return {'strategy': self.strategy, 'importance': self.importance, 'score': score_label(self.importance),
+                'sparse_mode': SPARSE_MODE,
                 'n_blocks': len(self.removed),
                 'removed': [dataclasses.asdict(b) for b in self.removed],
                 'candidates': [dataclasses.asdict(b) for b in self.block_set.by_score()],
@@ -245,91 +230,50 @@ def _layer_map(n_layers, removed):
     return keep, where
 
 
-def make_layer_plan(model, n_blocks):
-    """The plan removing the `n_blocks` candidate blocks with the lowest scores (0 removes nothing)."""
-    block_set = score_blocks(model, find_blocks(model.module_defs, model.in_channels))
+def make_layer_plan(model, n_blocks, importance='gamma', images=None, shortcuts=None):
+    """The plan removing the `n_blocks` candidate blocks with the lowest scores (0 removes nothing), or, for a
+    replay, exactly the candidate blocks ending at `shortcuts` (a stored plan's removed shortcuts)."""
+    block_set = score_blocks(model, find_blocks(model.module_defs, model.in_channels), importance, images)
     n_cand = len(block_set.candidates)
-    if not isinstance(n_blocks, int) or not 0 <= n_blocks <= n_cand:
+    if shortcuts is not None:
+        by_shortcut = {b.shortcut: b for b in block_set.candidates}
+        wrong = [s for s in shortcuts if s not in by_shortcut]
+        if wrong:
+            raise DarkslimError(f"{{plan}}: removes blocks at [shortcut] {wrong}, which are no candidate blocks of "
+                                f"this cfg (candidates: {sorted(by_shortcut)}); expected the model the plan was "
+                                "made for", param='plan')
+        removed = [by_shortcut[s] for s in sorted(shortcuts)]
+    elif not isinstance(n_blocks, int) or not 0 <= n_blocks <= n_cand:
         n_short = n_cand + len(block_set.rejected)
-        raise DarkslimError(f"n_blocks {n_blocks}: the cfg has {n_cand} candidate residual blocks (of {n_short} "
-                            f"[shortcut] layers); expected n_blocks in 0..{n_cand}")
-    removed = sorted(block_set.by_score()[:n_blocks], key=lambda b: b.shortcut)
+        raise DarkslimError(f"{{n_blocks}} {n_blocks}: the cfg has {n_cand} candidate residual blocks (of {n_short} "
+                            f"[shortcut] layers); expected {{n_blocks}} in 0..{n_cand}", param='n_blocks')
+    else:
+        removed = sorted(block_set.by_score()[:n_blocks], key=lambda b: b.shortcut)
     keep, where = _layer_map(len(model.module_defs), removed)
-    filters = {i: d['filters'] for i, d in enumerate(model.module_defs)
-               if d['type'] == 'convolutional' and d.get('batch_normalize', 0)}
-    return LayerPlan(block_set, removed, keep, where, filters)
+    filters = {i: model.module_defs[i]['filters'] for i in channels.convs(model.module_defs, bn=True)}
+    return LayerPlan(block_set, removed, keep, where, filters, importance=get_importance(importance).name)
 
 
 # --- surgery ----------------------------------------------------------------------------------------------------
 
-def block_constant(model, block):
-    """act(beta) of the block's last conv [C] (float64): what the branch outputs with gamma = 0."""
+def block_constant(model, block, constants=None):
+    """What the block's branch outputs once removed [C] (float64): act(beta) of its last conv (gamma = 0), or
+    its measured mean activation when `constants` ({conv: [C]}, calibrate.mean_activations) names that conv."""
+    if constants is not None and block.last in constants:
+        return torch.as_tensor(constants[block.last]).detach().double().cpu()
     m = model.module_list[block.last]
     with torch.no_grad():
         return m[-1](m[1].bias.detach().double().cpu())
 
 
-def stream_constants(model, removed):
-    """Per original layer: the constant [C] (float64) its value carries once `removed` blocks are gone (the
-    original value = the pruned network's value + constant), None for none; convs absorb (see `conv_shifts`)."""
-    defs = model.module_defs
-    channels = prune_utils.Graph(defs, model.in_channels).channels
-    by_shortcut = {b.shortcut: b for b in removed}
-    branch = {j for b in removed for j in b.branch}
-    const = []
-    for i, d in enumerate(defs):
-        t, ins = d['type'], model.inputs[i]
-        if i in by_shortcut:                          # stream + act(beta)
-            b = by_shortcut[i]
-            c = block_constant(model, b)
-            const.append(c if const[b.source] is None else const[b.source] + c)
-        elif t == 'convolutional' or i in branch:
-            const.append(None)
-        elif t == 'route':
-            g, gid = d.get('groups', 1), d.get('group_id', 0)
-            parts = [const[j] for j in ins]
-            const.append(None if all(p is None for p in parts) else torch.cat(
-                [(torch.zeros(channels[j], dtype=torch.float64) if p is None else p).chunk(g)[gid]
-                 for j, p in zip(ins, parts)]))
-        elif t == 'shortcut':
-            parts = [const[j] for j in ins if const[j] is not None]
-            if parts and d.get('activation', 'linear') != 'linear':
-                raise RuntimeError(f"layer {i}: a constant reaches a non-linear [shortcut] (block-set bug)")
-            const.append(sum(parts) if parts else None)
-        else:                                         # maxpool, upsample: max(x + c) = max(x) + c; yolo
-            if t == 'yolo' and const[i - 1] is not None:
-                raise RuntimeError(f"layer {i}: a constant reaches a [yolo] (block-set bug)")
-            const.append(const[i - 1])
-    return const
-
-
-def _conv_shift(conv, c):
-    """W.sum(kh, kw) @ c per output channel (grouped convs: each group's filters see their own inputs)."""
-    w = conv.weight.detach().double().cpu().sum((2, 3))          # [out, in / groups]
-    g = conv.groups
-    w = w.view(g, w.shape[0] // g, w.shape[1])                    # [groups, out / groups, in / groups]
-    return torch.einsum('goi,gi->go', w, c.view(g, -1)).reshape(-1)
-
-
-def conv_shifts(model, removed):
-    """Original conv index -> the shift [out] (float64) its input's constant adds to its output: folded into the
+def conv_shifts(model, removed, constants=None):
+    """Original conv index -> the shift [out] (float64) its input's constant adds to its output once the
+    `removed` blocks are gone (channels.block_constants; `constants` as in block_constant): folded into the
     conv's BN running_mean (subtracted) or bias (added). Branch convs of removed blocks are left out."""
-    const = stream_constants(model, removed)
+    const = channels.block_constants(model, removed, lambda b: block_constant(model, b, constants))
     branch = {j for b in removed for j in b.branch}
-    out = {}
-    for i, d in enumerate(model.module_defs):
-        if d['type'] == 'convolutional' and i > 0 and i not in branch and const[i - 1] is not None:
-            out[i] = _conv_shift(model.module_list[i][0], const[i - 1])
-    return out
-
-
-def _fold_(module, batch_normalize, shift):
-    """conv(x + c) = conv(x) + shift: BN(z + shift) = BN'(z) with running_mean - shift; bias + shift without BN."""
-    with torch.no_grad():
-        if batch_normalize:
-            module[1].running_mean.sub_(shift.to(module[1].running_mean))
-        else:
-            module[0].bias.add_(shift.to(module[0].bias))
+    return {i: channels.conv_shift(model.module_list[i][0], const[i - 1]) for i in channels.convs(model.module_defs)
+            if i > 0 and i not in branch and const[i - 1] is not None}
 
 
 def _renumber(value, old, new, where):
@@ -345,10 +289,10 @@ def compact_layer_defs(model, plan):
     defs = [copy.deepcopy(model.hyperparams)]
     for new, old in enumerate(plan.keep_layers):
         d = copy.deepcopy(model.module_defs[old])
-        key = {'route': 'layers', 'shortcut': 'from'}.get(d['type'])
+        key = {'concat': 'layers', 'sum': 'from'}.get(channels.kind(d))
         if key:
             d[key] = [_renumber(v, old, new, plan.where) for v in d[key]]
-        if d['type'] != 'route' and old > 0 and plan.where.get(old - 1) != new - 1:
+        if channels.kind(d) != 'concat' and old > 0 and plan.where.get(old - 1) != new - 1:
             # its implicit input (the previous layer) must still hold the same value
             raise RuntimeError(f"layer {old}: layer {old - 1} is no longer the layer before (block-set bug)")
         defs.append(d)
@@ -366,31 +310,32 @@ def _copy_conv_(dst, src, batch_normalize):
                 getattr(dst[1], name).copy_(getattr(src[1], name))
 
 
-def compact_layer_model(model, plan):
+def compact_layer_model(model, plan, constants=None):
     """The network without the removed blocks: kept layers' tensors copied one by one, the removed blocks'
-    constants folded into the convs that consume them. Its cfg is `.defs`."""
+    constants (act(beta), or `constants` as in block_constant) folded into the convs that consume them. Its
+    cfg is `.defs`."""
     small = models.Darknet(compact_layer_defs(model, plan), img_size=model.img_size, init_weights=False).eval()
-    shifts = conv_shifts(model, plan.removed)
+    shifts = conv_shifts(model, plan.removed, constants)
     for new, old in enumerate(plan.keep_layers):
         d = model.module_defs[old]
-        if d['type'] != 'convolutional':
+        if not channels.is_conv(d):
             continue
         bn = d.get('batch_normalize', 0)
         _copy_conv_(small.module_list[new], model.module_list[old], bn)
         if old in shifts:
-            _fold_(small.module_list[new], bn, shifts[old])
+            channels.fold_(small.module_list[new], bn, shifts[old])
     small.header = getattr(model, 'header', None)
     if hasattr(model, 'seen'):
         small.seen = model.seen
     return small.to(next(model.parameters()).device)
 
 
-def loose_layer_model(model, plan):
+def loose_layer_model(model, plan, constants=None):
     """The full-depth model with each removed block's branch silenced (last BN gamma = beta = 0, so it adds
     act(0) = 0) and its constant folded as in the compact model: the compact model's outputs, at full depth."""
     loose = copy.deepcopy(model).eval()
-    for i, shift in conv_shifts(model, plan.removed).items():
-        _fold_(loose.module_list[i], model.module_defs[i].get('batch_normalize', 0), shift)
+    for i, shift in conv_shifts(model, plan.removed, constants).items():
+        channels.fold_(loose.module_list[i], model.module_defs[i].get('batch_normalize', 0), shift)
     with torch.no_grad():
         for b in plan.removed:
             loose.module_list[b.last][1].weight.zero_()
@@ -416,19 +361,21 @@ class LayerPruneResult:
         return {'original': self.original, 'loose': self.loose, 'compact': self.compact}
 
 
-def prune(model, n_blocks, percent=None, threshold=None, min_keep=None, round_to=None):
+def prune(model, n_blocks, percent=None, threshold=None, min_keep=None, round_to=None, importance='gamma'):
     """Remove the `n_blocks` lowest-scoring residual blocks; with `percent` or `threshold`, then prune the
     channels of the remaining network in shortcut mode (prune_utils.make_plan: min_keep, round_to as there).
-    Every refusal (too many blocks, a bad channel plan) is raised before any surgery output is returned."""
-    plan = make_layer_plan(model, n_blocks)
+    Every refusal (too many blocks, a bad channel plan) is raised before any surgery output is returned.
+    Calibrated layer pruning (measured constants, refit, BN statistics) is pruning.prune."""
+    plan = make_layer_plan(model, n_blocks, importance)
     if percent is None and threshold is None:
         if min_keep is not None or round_to is not None:
-            raise DarkslimError("min_keep and round_to apply to the channel prune; expected percent or threshold "
-                                "with them")
+            raise DarkslimError("{min_keep} and {round_to} apply to the channel prune; expected {percent} or "
+                                "{threshold} with them", param='min_keep')
         return LayerPruneResult(plan, model, loose_layer_model(model, plan), compact_layer_model(model, plan))
     stage = compact_layer_model(model, plan)
     layer_set = prune_utils.get_layer_set(stage.module_defs, SPARSE_MODE, stage.in_channels)
-    plan.channel_plan = prune_utils.make_plan(stage, layer_set, SPARSE_MODE, percent, threshold, min_keep, round_to)
+    plan.channel_plan = prune_utils.make_plan(stage, layer_set, SPARSE_MODE, percent, threshold, min_keep, round_to,
+                                              importance)
     loose = prune_utils.loose_model(stage, plan.channel_plan)
     compact = prune_utils.compact_model(stage, plan.channel_plan, loose)
     return LayerPruneResult(plan, model, loose, compact, layer_set)

@@ -1,20 +1,21 @@
 """Network slimming for Darknet-cfg models: which layers may lose channels, which channels go, and the surgery.
 
-Three steps with small interfaces, shared by normal_prune.py, regular_prune.py, shortcut_prune.py, tiny_prune.py
-(and, for step 1, by `train.py -sr`, which regularizes exactly the BN layers a prune may thin):
+Graph -> layer set -> importance -> plan -> surgery -> outputs, shared by normal_prune.py, regular_prune.py,
+shortcut_prune.py, tiny_prune.py and layer_prune.py (and, for the layer set, by `train.py -sr`, which
+regularizes exactly the BN layers a prune may thin):
 
-1. `get_layer_set(module_defs, mode) -> LayerSet`: derived from the cfg graph alone, never from layer numbers.
-2. `make_plan(model, layer_set, ...) -> Plan`: a global |gamma| threshold -> a keep mask per prunable conv.
+1. `get_layer_set(module_defs, mode) -> LayerSet`: derived from the cfg graph alone (channels.Graph), never
+   from layer numbers.
+2. `make_plan(model, layer_set, ..., importance='gamma') -> Plan`: per-channel scores from an importance
+   (importance.py) and a global threshold -> a keep mask per prunable conv. A plan is data: printed
+   (`Plan.table`), stored in the outputs (`Plan.to_json`) and replayed (`plan_from_json`).
 3. `loose_model(model, plan)` (full size, removed channels zeroed, constants folded) and
    `compact_model(model, plan)` (the smaller network; its cfg is `compact.defs`).
 4. `write_outputs(prefix, compact, plan, report)`: the compact cfg, .weights, .pt, JSON report and chart.
-The command-line side (options, the report table, mAP evaluation) is prune_cli.py, shared by the scripts.
+The command-line side (options, the report table, mAP evaluation) is prune_cli.py.
 
-Channel provenance.  Every layer's output channels are traced back to "nodes": [convolutional] layers (their
-BN channels), [shortcut] layers (channel-wise sums), or the image (node -1).  [maxpool], [upsample] and
-single-input [route] pass channels through unchanged (aliases); a multi-input [route] concatenates; a
-`[route] groups=g` slices.  A [shortcut] ties its inputs' channels to its own one to one, so the convs it
-reads (through aliases) must lose the same channels: those convs form one group (union-find over the graph).
+A [shortcut] ties its inputs' channels to its own one to one, so the convs it reads (through pass-through
+layers) must lose the same channels: those convs form one group (union-find over channels.Graph's nodes).
 """
 import copy
 import dataclasses
@@ -26,18 +27,24 @@ import numpy as np
 import torch
 from terminaltables import AsciiTable
 
+import channels
 import models
+from channels import IMAGE, ZERO_AT_ZERO, Graph, channel_flow, conv_shift, fold_
+from importance import get_importance
 from utils.darknet_weights import save_weights, weights_file_size
 from utils.errors import DarkslimError
 from utils.io import write_text_atomic
 from utils.latency import cpu_latency
-from utils.parse_config import layer_inputs, write_cfg
+from utils.parse_config import write_cfg
 
-MODES = {0: 'normal', 1: 'shortcut', 2: 'tiny', 'normal': 'normal', 'regular': 'normal', 'shortcut': 'shortcut',
-         'tiny': 'tiny', '0': 'normal', '1': 'shortcut', '2': 'tiny'}
-IMAGE = -1  # the node standing for the network input
+# layer-set modes: train.py's --prune numbers and the names (regular pruning thins the normal layer set)
+MODES = {0: 'normal', 1: 'shortcut', 2: 'tiny', 'normal': 'normal', 'shortcut': 'shortcut', 'tiny': 'tiny',
+         'regular': 'normal'}
 POW2_FLOOR = 8     # power-of-two rounding's smallest count (a smaller layer keeps its own size)
-ZERO_AT_ZERO = {'leaky', 'relu', 'linear', 'mish', 'swish'}  # act(0) == 0: a zeroed BN channel outputs exactly 0
+
+
+class NothingToPrune(DarkslimError):
+    """A cut that removes no channel (a layer prune may still remove blocks)."""
 
 
 # --- step 1: layer sets -----------------------------------------------------------------------------------------
@@ -96,62 +103,6 @@ class LayerSet:
         return AsciiTable(rows).table + '\n' + summary
 
 
-class Graph:
-    """Channel provenance of every layer: `segs[i]` = [(node, start, length), ...] in channel order."""
-
-    def __init__(self, module_defs, in_channels=3):
-        self.defs = list(module_defs)
-        self.in_channels = in_channels
-        full = [None] + self.defs                     # layer_inputs expects [net] at index 0
-        self.inputs = [layer_inputs(full, i) for i in range(len(self.defs))]
-        self.channels, self.segs = [], []
-        for i, d in enumerate(self.defs):
-            t = d['type']
-            src = self.segs[i - 1] if i else [(IMAGE, 0, in_channels)]
-            if t == 'convolutional':
-                segs = [(i, 0, d['filters'])]
-            elif t == 'route':
-                g, gid = d.get('groups', 1), d.get('group_id', 0)
-                segs = []
-                for j in self.inputs[i]:
-                    c = self.channels[j] // g
-                    segs += _slice(self.segs[j], gid * c, c)
-            elif t == 'shortcut':
-                segs = [(i, 0, self.channels[i - 1])]
-            else:                                     # maxpool, upsample, yolo: channels unchanged
-                segs = src
-            self.segs.append(segs)
-            self.channels.append(sum(n for _, _, n in segs))
-
-    def whole_node(self, j):
-        """The node layer j's output is (all of it, in order), or None when it is a slice or a concatenation."""
-        segs = self.segs[j]
-        if len(segs) == 1:
-            node, start, n = segs[0]
-            if start == 0 and n == self.node_channels(node):
-                return node
-        return None
-
-    def node_channels(self, node):
-        return self.in_channels if node == IMAGE else self.channels[node]
-
-    def nodes_read_by(self, i):
-        """Nodes whose channels layer i reads (through aliases)."""
-        return sorted({n for j in self.inputs[i] for n, _, _ in self.segs[j]}) if self.inputs[i] \
-            else [IMAGE]
-
-
-def _slice(segs, start, length):
-    """The part [start, start+length) of a segment list."""
-    out, pos = [], 0
-    for node, s, n in segs:
-        a, b = max(start, pos), min(start + length, pos + n)
-        if a < b:
-            out.append((node, s + a - pos, b - a))
-        pos += n
-    return out
-
-
 class _UnionFind:
     def __init__(self):
         self.parent = {}
@@ -179,32 +130,30 @@ def _own_exclusions(graph):
             reasons.setdefault(node, why)
 
     for i, d in enumerate(defs):
-        t = d['type']
-        if t == 'yolo':
+        kind = channels.kind(d)
+        if kind == 'consume':
             for n in graph.nodes_read_by(i):
-                add(n, f"feeds [yolo] {i}")
-        elif t == 'route' and d.get('groups', 1) > 1:
+                add(n, f"feeds [{d['type']}] {i}")
+        elif kind == 'concat' and d.get('groups', 1) > 1:
             for j in graph.inputs[i]:
                 if graph.whole_node(j) in (None, IMAGE):  # a slice of a concatenation: no per-node rule
                     for n, _, _ in graph.segs[j]:
                         add(n, f"[route] {i} groups={d['groups']} slices a concatenation")
-        elif t == 'convolutional' and d.get('groups', 1) > 1:
+        elif kind == 'produce' and d.get('groups', 1) > 1:
             add(i, f"[convolutional] groups={d['groups']}")
             for n in graph.nodes_read_by(i):
                 add(n, f"feeds grouped [convolutional] {i}")
-        if t == 'convolutional' and d.get('batch_normalize', 0) and d.get('activation', 'logistic') not in ZERO_AT_ZERO:
+        if kind == 'produce' and d.get('batch_normalize', 0) and d.get('activation', 'logistic') not in ZERO_AT_ZERO:
             add(i, f"activation {d.get('activation', 'logistic')} (act(0) != 0)")
-        if t == 'shortcut' and d.get('activation', 'linear') not in ZERO_AT_ZERO:
+        if kind == 'sum' and d.get('activation', 'linear') not in ZERO_AT_ZERO:
             for n in graph.nodes_read_by(i):
                 add(n, f"[shortcut] {i} activation {d['activation']} (act(0) != 0)")
     # a shortcut fed by a slice/concatenation cannot share a mask with its inputs channel by channel (inputs of
     # unequal widths are handled per group: overlap_members)
-    for i, d in enumerate(defs):
-        if d['type'] == 'shortcut':
-            for j in graph.inputs[i]:
-                if graph.whole_node(j) is None:
-                    for n in graph.nodes_read_by(i):
-                        add(n, f"[shortcut] {i} reads a [route] concatenation/slice")
+    for i in channels.layers_of_kind(defs, 'sum'):
+        if any(graph.whole_node(j) is None for j in graph.inputs[i]):
+            for n in graph.nodes_read_by(i):
+                add(n, f"[shortcut] {i} reads a [route] concatenation/slice")
     return reasons
 
 
@@ -212,12 +161,12 @@ def sliced_nodes(graph):
     """{node: g} for nodes read whole by a `[route] groups` split (g = the lcm of the groups of every such
     route: equal counts in lcm slices give equal counts in each route's slices)."""
     out = {}
-    for i, d in enumerate(graph.defs):
-        if d['type'] == 'route' and d.get('groups', 1) > 1:
-            for j in graph.inputs[i]:
-                node = graph.whole_node(j)
-                if node not in (None, IMAGE):
-                    out[node] = math.lcm(out.get(node, 1), d['groups'])
+    for i in channels.layers_of_kind(graph.defs, 'concat'):
+        g = graph.defs[i].get('groups', 1)
+        for j in graph.inputs[i] if g > 1 else []:
+            node = graph.whole_node(j)
+            if node not in (None, IMAGE):
+                out[node] = math.lcm(out.get(node, 1), g)
     return out
 
 
@@ -259,10 +208,10 @@ def overlap_members(graph, members):
             continue
         w = min(width.values())
         wide = [n for n in comp if width[n] > w]
-        if len(wide) == 1 and wide[0] >= 0 and graph.defs[wide[0]]['type'] == 'convolutional':
+        if len(wide) == 1 and wide[0] >= 0 and channels.is_conv(graph.defs[wide[0]]):
             partial[wide[0]] = w
             continue
-        sc = min(n for n in comp if n >= 0 and graph.defs[n]['type'] == 'shortcut')
+        sc = min(n for n in comp if n >= 0 and channels.kind(graph.defs[n]) == 'sum')
         for n in comp:
             blocked[n] = f"[shortcut] {sc} couples inputs of widths {sorted(set(width.values()))} (only a single " \
                          "wider conv can be coupled by its overlap)"
@@ -273,9 +222,7 @@ def shortcut_groups(graph):
     """Union-find over [shortcut] inputs -> (component root per node, {conv: first shortcut reading it})."""
     uf = _UnionFind()
     coupled_by = {}
-    for i, d in enumerate(graph.defs):
-        if d['type'] != 'shortcut':
-            continue
+    for i in channels.layers_of_kind(graph.defs, 'sum'):
         uf.find(i)
         for n in graph.nodes_read_by(i):
             uf.union(i, n)
@@ -284,7 +231,7 @@ def shortcut_groups(graph):
 
 
 def get_layer_set(module_defs, mode, in_channels=3):
-    """The prunable conv layers for `mode` (0|1|2 or 'normal'|'shortcut'|'tiny'; 'regular' uses normal).
+    """The prunable conv layers for `mode` (0|1|2 or 'normal'|'shortcut'|'tiny'; regular pruning uses normal).
     `in_channels`: the image's channels ([net] channels, `model.in_channels`).
 
     A prunable conv has BN and none of its channels reach a [yolo] layer (nor a grouped conv, nor a
@@ -298,17 +245,18 @@ def get_layer_set(module_defs, mode, in_channels=3):
       tiny:     all prunable convs of a cfg without [shortcut]; a cfg with shortcuts is refused.
     """
     if mode not in MODES:
-        raise DarkslimError(f"prune mode {mode!r}; expected 0|1|2 or normal|regular|shortcut|tiny")
+        raise DarkslimError(f"{{mode}} {mode!r}; expected 0|1|2 or normal|regular|shortcut|tiny",
+                            param='mode')
     mode = MODES[mode]
     defs = list(module_defs)
     graph = Graph(defs, in_channels)
-    shortcuts = [i for i, d in enumerate(defs) if d['type'] == 'shortcut']
+    shortcuts = channels.layers_of_kind(defs, 'sum')
     if mode == 'tiny' and shortcuts:
         d = defs[shortcuts[0]]
         raise DarkslimError(f"{d.where() if hasattr(d, 'where') else '[shortcut]'}: the cfg has {len(shortcuts)} "
                             f"[shortcut] layers (first: layer {shortcuts[0]}); tiny pruning expects a cfg without "
                             "shortcuts; prune it in shortcut mode (shortcut_prune.py)")
-    bn_convs = [i for i, d in enumerate(defs) if d['type'] == 'convolutional' and d.get('batch_normalize', 0)]
+    bn_convs = channels.convs(defs, bn=True)
     own = _own_exclusions(graph)
     uf, coupled_by = shortcut_groups(graph)
     members = {}                                      # component root -> its nodes (convs, shortcuts, image)
@@ -339,7 +287,7 @@ def get_layer_set(module_defs, mode, in_channels=3):
             if root is None or root in seen:
                 continue
             seen.add(root)
-            group = sorted(n for n in members[root] if n >= 0 and defs[n]['type'] == 'convolutional')
+            group = sorted(n for n in members[root] if n >= 0 and channels.is_conv(defs[n]))
             if len(group) > 1:
                 ls.groups.append(group)
                 ls.partial.update({n: partial[n] for n in group if n in partial})
@@ -354,7 +302,7 @@ def _group_blocker(defs, comp, own):
             return 'the input image'
         if n in own:
             return f"layer {n} ({own[n]})"
-        if defs[n]['type'] == 'convolutional' and not defs[n].get('batch_normalize', 0):
+        if channels.is_conv(defs[n]) and not defs[n].get('batch_normalize', 0):
             return f"layer {n} (no BN)"
     return ''
 
@@ -376,8 +324,9 @@ class Plan:
     """Which channels each prunable conv keeps.
 
     keep: conv layer index -> bool keep mask (numpy, length = filters) for every prunable conv
-    threshold: channels with |gamma| < threshold are removed (before min_keep / rounding top-ups)
+    threshold: channels scoring below it are removed (before min_keep / rounding top-ups)
     percent: the share asked for (None when a threshold was given); removed_share: what the plan actually removes
+    importance: the name of the importance whose scores were cut (importance.IMPORTANCES)
     """
     strategy: str
     layer_set: LayerSet
@@ -388,6 +337,7 @@ class Plan:
     round_to: object = None
     removed_share: float = 0.0
     topped_up: list = field(default_factory=list)
+    importance: str = 'gamma'
 
     def rows(self):
         """One PlanRow per prunable conv, in layer order."""
@@ -403,13 +353,14 @@ class Plan:
         rows = [['layer', 'channels', 'kept', 'group']]
         rows += [[r.layer, f"{r.before} -> {r.after}", f"{r.kept_share:.0%}", r.group] for r in plan_rows]
         before, after = sum(r.before for r in plan_rows), sum(r.after for r in plan_rows)
-        return (AsciiTable(rows).table + f"\nthreshold |gamma| < {self.threshold:.6g}: {before} -> {after} "
-                f"prunable channels ({self.removed_share:.1%} removed)")
+        label = get_importance(self.importance).label
+        return (AsciiTable(rows).table + f"\nthreshold score < {self.threshold:.6g} (importance {self.importance}: "
+                f"{label}): {before} -> {after} prunable channels ({self.removed_share:.1%} removed)")
 
     def to_json(self):
-        return {'strategy': self.strategy, 'mode': self.layer_set.mode, 'threshold': self.threshold,
-                'percent': self.percent, 'min_keep': self.min_keep, 'round_to': self.round_to,
-                'removed_share': self.removed_share, 'topped_up': self.topped_up,
+        return {'strategy': self.strategy, 'mode': self.layer_set.mode, 'importance': self.importance,
+                'threshold': self.threshold, 'percent': self.percent, 'min_keep': self.min_keep,
+                'round_to': self.round_to, 'removed_share': self.removed_share, 'topped_up': self.topped_up,
                 'groups': self.layer_set.groups,
                 'partial': {str(k): v for k, v in sorted(self.layer_set.partial.items())},
                 'slices': {str(k): v for k, v in sorted(self.layer_set.slices.items())},
@@ -418,19 +369,41 @@ class Plan:
                 'keep': {str(i): np.flatnonzero(k).tolist() for i, k in sorted(self.keep.items())}}
 
 
-def bn_scores(model, layers):
-    """conv index -> |gamma| (float64 numpy) of its BatchNorm."""
-    return {i: model.module_list[i][1].weight.detach().abs().double().cpu().numpy() for i in layers}
+def plan_from_json(data, layer_set):
+    """The Plan stored by `Plan.to_json` (a prune's .json 'plan', its .pt 'prune'), checked against the layer set
+    of the model it is replayed on: same mode, same prunable convs with the same widths, kept indices in range.
+    Replaying it gives the same outputs as the prune that wrote it."""
+    def refuse(why):
+        return DarkslimError(f"{{plan}}: {why}", param='plan')
+    try:
+        keep_idx = {int(i): v for i, v in data['keep'].items()}
+        mode, strategy = data['mode'], data['strategy']
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise refuse("no channel plan (expected the 'plan' of a prune's .json or the 'prune' of its .pt)") from None
+    if mode != layer_set.mode or sorted(keep_idx) != sorted(layer_set.prunable):
+        raise refuse(f"a {mode} plan of layers {sorted(keep_idx)}; the model's {layer_set.mode} layer set has "
+                     f"prunable layers {sorted(layer_set.prunable)}; expected the model the plan was made for")
+    keep = {}
+    for i, idx in sorted(keep_idx.items()):
+        n = layer_set.filters[i]
+        if not idx or min(idx) < 0 or max(idx) >= n:
+            raise refuse(f"layer {i} keeps channels {idx[:3]}...; expected 1 or more indices in 0..{n - 1}")
+        keep[i] = np.zeros(n, dtype=bool)
+        keep[i][idx] = True
+    removed = sum(int((~k).sum()) for k in keep.values())
+    return Plan(strategy, layer_set, keep, float(data.get('threshold', 0.0)), data.get('percent'),
+                data.get('min_keep'), data.get('round_to'), removed / sum(len(k) for k in keep.values()),
+                list(data.get('topped_up', [])), data.get('importance', 'gamma'))
 
 
 def threshold_for_percent(scores, percent):
-    """The |gamma| threshold removing the `percent` lowest of all `scores` (one global sort).
+    """The score threshold removing the `percent` lowest of all `scores` (one global sort).
 
     k = floor(percent * N) channels are asked for; the threshold is halfway between the k-th lowest score and
     the next higher distinct one, so channels tied at the cut go (or stay) together - never an arbitrary
     half of a tie. percent 0 -> threshold 0 (nothing removed)."""
     if not 0 <= percent <= 1:
-        raise DarkslimError(f"percent {percent}; expected a fraction in [0, 1]")
+        raise DarkslimError(f"{{percent}} {percent}; expected a fraction in [0, 1]", param='percent')
     s = np.sort(scores)
     k = int(math.floor(percent * len(s) + 1e-9))
     if k == 0:
@@ -491,11 +464,12 @@ def _emptied_message(empty, unit_score, flat, percent, threshold):
     """One line: which units the cut would empty, and the highest percent / threshold that empties none."""
     worst = min(float(s.max()) for s in unit_score)
     safe = math.floor(np.sum(flat < worst) / len(flat) * 1000) / 1000
-    asked = f"percent {percent}" if percent is not None else f"threshold {threshold:g}"
-    names = ', '.join('+'.join(map(str, u)) + f" (max |gamma| {s.max():.3g})" for u, s in empty[:6]) \
+    asked = f"{{percent}} {percent}" if percent is not None else f"{{threshold}} {threshold:g}"
+    names = ', '.join('+'.join(map(str, u)) + f" (max score {s.max():.3g})" for u, s in empty[:6]) \
         + (f" and {len(empty) - 6} more" if len(empty) > 6 else '')
-    return (f"{asked} would remove every channel of layer(s) {names}; the highest safe percent is {safe} (or "
-            f"threshold up to {worst:.6g}), or min_keep K to keep the K strongest channels of such layers")
+    return (f"{asked} would remove every channel of layer(s) {names}; the highest safe {{percent}} is {safe} (or "
+            f"{{threshold}} up to {worst:.6g}), or pass {{min_keep}} K to keep the K strongest channels of such "
+            "layers")
 
 
 def _unit_keep(score, cut, slices, min_keep, round_to):
@@ -515,153 +489,96 @@ def _unit_keep(score, cut, slices, min_keep, round_to):
     return out.reshape(-1)
 
 
-def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep=None, round_to=None):
-    """Keep masks for every prunable conv from a global |gamma| threshold.
-
-    Exactly one of `percent` (share of prunable channels to remove, global sort) and `threshold` (absolute
-    |gamma|; channels with |gamma| < threshold go).  A shortcut group keeps the union of its members' masks
-    (a channel goes only when every member would drop it).  A unit the threshold would empty raises a
-    one-line DarkslimError naming the layers and the highest safe percent, unless `min_keep` K is given: then
-    such a unit keeps its K highest-|gamma| channels (units keeping at least one channel are left as cut).
-    `round_to` ('pow2' or N) rounds each unit's kept count up, filling with the highest-|gamma| channels (never
-    past the layer's size). A unit split by a `[route] groups` route keeps the same count in every slice
-    (`_unit_keep`); min_keep and round_to then apply per slice. A group member wider than its group
-    (LayerSet.partial) shares the group's mask over the group's width; its other channels are cut (and rounded)
-    on their own and may all go.
-    """
+def _check_plan_options(layer_set, percent, threshold, min_keep, round_to):
+    """One-line errors, naming the parameter, for options no plan can follow."""
     if (percent is None) == (threshold is None):
-        raise DarkslimError("give exactly one of percent and threshold")
+        raise DarkslimError("give exactly one of {percent} and {threshold}", param='percent')
     if min_keep is not None and min_keep < 1:
-        raise DarkslimError(f"min_keep {min_keep}; expected a positive channel count")
+        raise DarkslimError(f"{{min_keep}} {min_keep}; expected a positive channel count", param='min_keep')
     if round_to not in (None, 'pow2') and (not isinstance(round_to, int) or round_to < 1):
-        raise DarkslimError(f"round_to {round_to}; expected a positive channel count such as 8, 16 or 32")
+        raise DarkslimError(f"{{round_to}} {round_to}; expected a positive channel count such as 8, 16 or 32",
+                            param='round_to')
+    if threshold is not None and threshold < 0:
+        raise DarkslimError(f"{{threshold}} {threshold}; expected a score >= 0", param='threshold')
     if not layer_set.prunable:
         raise DarkslimError(_no_prunable_message(layer_set))
-    scores = bn_scores(model, layer_set.prunable)
+
+
+def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep=None, round_to=None,
+              importance='gamma', images=None):
+    """Keep masks for every prunable conv from a global threshold on the channels' scores.
+
+    `importance` (a name in importance.IMPORTANCES, or an Importance) scores every prunable channel; `images`
+    are the calibration images of a criterion that measures activations. Exactly one of `percent` (share of
+    prunable channels to remove, global sort) and `threshold` (channels scoring below it go). A shortcut group
+    keeps the union of its members' masks (a channel goes only when every member would drop it: a unit's score
+    is its members' maximum). A unit the threshold would empty raises a one-line DarkslimError naming the
+    layers and the highest safe percent, unless `min_keep` K is given: then such a unit keeps its K
+    highest-score channels (units keeping at least one channel are left as cut). `round_to` ('pow2' or N)
+    rounds each unit's kept count up, filling with the highest-score channels (never past the layer's size).
+    A unit split by a `[route] groups` route keeps the same count in every slice (`_unit_keep`); min_keep and
+    round_to then apply per slice. A group member wider than its group (LayerSet.partial) shares the group's
+    mask over the group's width; its other channels are cut (and rounded) on their own and may all go.
+    """
+    _check_plan_options(layer_set, percent, threshold, min_keep, round_to)
+    imp = get_importance(importance)
+    scores = imp.scores(model, layer_set, images)
     flat = np.concatenate([scores[i] for i in layer_set.prunable])
     if threshold is None:
         threshold = threshold_for_percent(flat, percent)
-    elif threshold < 0:
-        raise DarkslimError(f"threshold {threshold}; expected |gamma| >= 0")
     units = _units(layer_set)
     unit_score = [np.max(np.stack([scores[i][u.start:u.stop] for i in u.layers]), 0) for u in units]  # [channels]
-    unit_slices = [layer_set.slices.get(u.layers[0], 1) for u in units]
     keeps = [s >= threshold for s in unit_score]
     empty = [(u.layers, s) for u, s, k in zip(units, unit_score, keeps) if not k.any() and not u.tail]
     if empty and min_keep is None:
         whole = [s for u, s in zip(units, unit_score) if not u.tail]
-        raise DarkslimError(_emptied_message(empty, whole, flat, percent, threshold))
-    topped = []
-    keep = {i: np.zeros(len(scores[i]), dtype=bool) for i in layer_set.prunable}
-    for n, (u, s) in enumerate(zip(units, unit_score)):
-        if not keeps[n].any():
-            if u.tail:                              # a tail may go whole: its layer keeps its group's channels
-                continue
-            topped += u.layers                      # emptied: only reached with min_keep (see above)
-        k = _unit_keep(s, keeps[n], unit_slices[n], min_keep, round_to)
-        for i in u.layers:
-            keep[i][u.start:u.stop] = k
+        raise DarkslimError(_emptied_message(empty, whole, flat, percent, threshold), param='percent')
+    keep, topped = _keep_masks(layer_set, units, unit_score, keeps, min_keep, round_to)
     removed = sum(int((~keep[i]).sum()) for i in layer_set.prunable)
     if removed == 0:
-        asked = f"percent {percent}" if percent is not None else f"threshold {threshold:g}"
-        raise DarkslimError(f"nothing to prune: {asked} removes no channel of the {len(flat)} prunable ones "
-                            f"(lowest |gamma| {flat.min():.4g}{', after rounding' if round_to else ''}); expected a "
-                            "larger percent or threshold")
+        asked = f"{{percent}} {percent}" if percent is not None else f"{{threshold}} {threshold:g}"
+        raise NothingToPrune(f"nothing to prune: {asked} removes no channel of the {len(flat)} prunable ones "
+                            f"(lowest score {flat.min():.4g}{', after rounding' if round_to else ''}); expected a "
+                            "larger {percent} or {threshold}", param='percent' if percent is not None else 'threshold')
     return Plan(strategy, layer_set, keep, float(threshold), percent, min_keep, round_to,
-                removed / len(flat), sorted(topped))
+                removed / len(flat), sorted(topped), imp.name)
+
+
+def _keep_masks(layer_set, units, unit_score, keeps, min_keep, round_to):
+    """({conv: keep mask}, layers topped up to min_keep) from each unit's cut (see make_plan)."""
+    topped = []
+    keep = {i: np.zeros(layer_set.filters[i], dtype=bool) for i in layer_set.prunable}
+    for u, s, cut in zip(units, unit_score, keeps):
+        if not cut.any():
+            if u.tail:                              # a tail may go whole: its layer keeps its group's channels
+                continue
+            topped += u.layers                      # emptied: only reached with min_keep (see make_plan)
+        k = _unit_keep(s, cut, layer_set.slices.get(u.layers[0], 1), min_keep, round_to)
+        for i in u.layers:
+            keep[i][u.start:u.stop] = k
+    return keep, topped
 
 
 # --- step 3: surgery --------------------------------------------------------------------------------------------
-
-def channel_flow(model, keep, constants=None):
-    """Per layer: (kept output channels [C] bool, constant [C] float) after removing channels per `keep`.
-
-    A removed BN channel (gamma ~ 0 after sparsity training) outputs the constant act(beta); `constants`
-    ({conv layer index: float tensor [filters]}, optional) replaces act(beta) for the layers it names, e.g. by
-    the channels' mean activations on images (calibrate.py) for a model that was not sparse-trained.
-    Constants flow unchanged through [maxpool] (max of a constant; darknet pads with -inf) and [upsample], are
-    concatenated by [route] (any number of inputs, `groups` slices), and summed by [shortcut] (output
-    act(sum)); a shortcut channel is removed only when it is removed in every input (shortcut groups share
-    their mask, so it is).
-    """
-    defs = model.module_defs
-    flow = []
-    img = (torch.ones(model.in_channels, dtype=torch.bool), torch.zeros(model.in_channels))
-    for i, d in enumerate(defs):
-        t = d['type']
-        prev = flow[i - 1] if i else img
-        if t == 'convolutional':
-            m = model.module_list[i]
-            n = d['filters']
-            if i in keep:
-                k = torch.as_tensor(keep[i], dtype=torch.bool)
-                if constants is not None and i in constants:
-                    c = torch.as_tensor(constants[i]).detach().float().cpu().reshape(n)
-                else:
-                    with torch.no_grad():
-                        c = m[-1](m[1].bias.detach().float().cpu())     # act(beta)
-                c = torch.where(k, torch.zeros_like(c), c)
-            else:
-                k, c = torch.ones(n, dtype=torch.bool), torch.zeros(n)
-            flow.append((k, c))
-        elif t == 'route':
-            g, gid = d.get('groups', 1), d.get('group_id', 0)
-            parts = [(flow[j][0].chunk(g)[gid], flow[j][1].chunk(g)[gid]) for j in model.inputs[i]]
-            flow.append((torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])))
-        elif t == 'shortcut':
-            ins = [flow[j] for j in model.inputs[i]]
-            k = ins[0][0]                             # the output has the first input's channels; a narrower or
-            total = ins[0][1].clone()                 # wider input adds to the overlapping channels only
-            for kj, cj in ins[1:]:
-                n = min(len(k), len(kj))
-                if not torch.equal(kj[:n], k[:n]):
-                    raise RuntimeError(f"layer {i}: [shortcut] inputs lose different channels (layer-set bug)")
-                total[:n] += cj[:n]
-            with torch.no_grad():
-                c = model.module_list[i].act(total)
-            flow.append((k, torch.where(k, torch.zeros_like(c), c)))
-        else:                                         # maxpool, upsample, yolo
-            flow.append(prev)
-    return flow
-
-
-def _fold_shift(conv, keep_in, const_in):
-    """W.sum(kh, kw)[:, removed] @ constant: what the removed input channels added to each output channel."""
-    removed = ~keep_in
-    if not removed.any():
-        return None
-    w = conv.weight.detach()
-    if conv.groups != 1:
-        raise RuntimeError("removed channels feed a grouped conv (layer-set bug)")
-    # the flow's masks and constants live on the CPU; the model may be on a GPU
-    return w.sum((2, 3))[:, removed.to(w.device)].double() @ const_in[removed].double().to(w.device)
-
 
 def loose_model(model, plan, constants=None):
     """The full-size model with removed channels' gamma, beta zeroed and their constants folded (for checking).
     `constants`: optional per-layer constants of removed channels instead of act(beta) (see channel_flow).
 
-    Fold: a consumer conv reading removed channels with constant c gets, with BN, `running_mean -= W.sum(kh,kw) @ c`,
-    without BN `bias += W.sum(kh,kw) @ c`.  This is exact for 1x1 consumers.  For k x k consumers it is exact
-    away from the image border; within k//2 cells of the border the zero padding would have multiplied some
-    taps by 0 instead of c, so there the fold is an approximation (as in the seed and the slimming paper).
-    Removed channels then output act(0) = 0 (layer sets admit only activations with act(0) = 0).
+    Fold (channels.conv_shift): a consumer conv reading removed channels with constant c gets, with BN,
+    `running_mean -= W.sum(kh,kw) @ c`, without BN `bias += W.sum(kh,kw) @ c`. This is exact for 1x1
+    consumers. For k x k consumers it is exact away from the image border; within k//2 cells of the border the
+    zero padding would have multiplied some taps by 0 instead of c, so there the fold is an approximation (as
+    in the network slimming paper). Removed channels then output act(0) = 0 (layer sets admit only
+    activations with act(0) = 0).
     """
     loose = copy.deepcopy(model).eval()
     flow = channel_flow(model, plan.keep, constants)
     with torch.no_grad():
-        for i, d in enumerate(loose.module_defs):
-            if d['type'] != 'convolutional':
-                continue
+        for i in channels.convs(loose.module_defs):
             m = loose.module_list[i]
-            keep_in, const_in = flow[i - 1] if i else (torch.ones(m[0].in_channels, dtype=torch.bool),
-                                                       torch.zeros(m[0].in_channels))
-            shift = _fold_shift(m[0], keep_in, const_in)
-            if shift is not None:
-                if d.get('batch_normalize', 0):
-                    m[1].running_mean.sub_(shift.to(m[1].running_mean.dtype))
-                else:
-                    m[0].bias.add_(shift.to(m[0].bias.dtype))
+            if i > 0 and not bool(flow[i - 1][0].all()):
+                fold_(m, loose.module_defs[i].get('batch_normalize', 0), conv_shift(m[0], flow[i - 1][1]))
             if i in plan.keep:
                 removed = ~torch.as_tensor(plan.keep[i], dtype=torch.bool)
                 m[1].weight[removed] = 0
@@ -686,9 +603,7 @@ def compact_model(model, plan, loose=None, constants=None):
     flow = channel_flow(model, plan.keep)
     small = models.Darknet(compact_defs(model, plan), img_size=model.img_size).eval()
     with torch.no_grad():
-        for i, d in enumerate(model.module_defs):
-            if d['type'] != 'convolutional':
-                continue
+        for i in channels.convs(model.module_defs):
             src, dst = loose.module_list[i], small.module_list[i]
             k_out = flow[i][0]
             k_in = flow[i - 1][0] if i else torch.ones(src[0].in_channels, dtype=torch.bool)
@@ -698,7 +613,7 @@ def compact_model(model, plan, loose=None, constants=None):
             dst[0].weight.copy_(w)
             if src[0].bias is not None:
                 dst[0].bias.copy_(src[0].bias[k_out])
-            if d.get('batch_normalize', 0):
+            if model.module_defs[i].get('batch_normalize', 0):
                 for name in ('weight', 'bias', 'running_mean', 'running_var'):
                     getattr(dst[1], name).copy_(getattr(src[1], name)[k_out])
                 dst[1].num_batches_tracked.copy_(src[1].num_batches_tracked)
@@ -706,8 +621,6 @@ def compact_model(model, plan, loose=None, constants=None):
     if hasattr(model, 'seen'):
         small.seen = model.seen
     return small
-
-
 
 
 # --- step 4: measure and write ----------------------------------------------------------------------------------

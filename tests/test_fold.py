@@ -1,4 +1,4 @@
-"""Folding the constants of removed channels (prune_utils._fold_shift, channel_flow), checked against sums done
+"""Folding the constants of removed channels (channels.conv_shift, channel_flow), checked against sums done
 by hand where the fold is not the identity: beta != 0 read by a 3x3 consumer (exact inside the image, off by
 the out-of-image taps on the border), and a chain of shortcuts carrying every member's constant.
 
@@ -13,8 +13,7 @@ import torch
 import prune_utils
 from models import Darknet
 from prune_utils import channel_flow, compact_model, get_layer_set, make_plan
-from tests.helpers import ANCHORS6, conv, randomize_, write, yolo
-from tests.prune_helpers import max_diff, raw_outputs, sparsify_
+from tests.helpers import ANCHORS6, conv, max_diff, randomize_, raw_outputs, sparsify_, write, yolo
 
 NC = 1
 HEAD = 3 * (NC + 5)
@@ -26,14 +25,11 @@ def leaky(v):
 
 # --- broken folds: what a wrong implementation would compute --------------------------------------------------------
 
-def centre_tap_fold(conv_, keep_in, const_in):
-    """_fold_shift with the kernel's centre tap instead of the sum over all taps (equal for 1x1 kernels only)."""
-    removed = ~keep_in
-    if not removed.any():
-        return None
+def centre_tap_fold(conv_, const_in):
+    """conv_shift with the kernel's centre tap instead of the sum over all taps (equal for 1x1 kernels only)."""
     w = conv_.weight.detach()
     cy, cx = w.shape[2] // 2, w.shape[3] // 2
-    return w[:, :, cy, cx][:, removed].double() @ const_in[removed].double()
+    return w[:, :, cy, cx].double() @ const_in.double()
 
 
 def flow_forgetting_shortcut_inputs(real_flow):
@@ -129,7 +125,7 @@ def test_3x3_consumer_of_nonzero_beta_is_exact_inside_and_off_by_the_missing_tap
 
 def test_3x3_check_fails_when_the_fold_uses_the_centre_tap(tmp_path, monkeypatch):
     model, plan, expected, x = one_to_three(tmp_path)
-    monkeypatch.setattr(prune_utils, '_fold_shift', centre_tap_fold)
+    monkeypatch.setattr(prune_utils, 'conv_shift', centre_tap_fold)
     interior, border = border_and_interior_error(model, plan, expected, x)
     assert interior > 1e-3 and border > 1e-3
 

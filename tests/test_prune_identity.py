@@ -27,8 +27,7 @@ import regular_prune
 import shortcut_prune
 import tiny_prune
 from models import Darknet
-from tests.helpers import REPO, randomize_
-from tests.prune_helpers import narrow_defs
+from tests.helpers import REPO, narrow_defs, randomize_
 from utils.darknet_weights import save_weights
 from utils.parse_config import parse_cfg, write_cfg
 

@@ -3,11 +3,29 @@
 Library code raises `DarkslimError("file:line: what was found; what was expected")`;
 every CLI's `main()` runs under `cli_main`, which prints that one line to stderr and exits 2.
 """
+import re
 import sys
+
+_PLACEHOLDER = re.compile(r'\{([a-z_][a-z0-9_]*)\}')   # a parameter named in a message template
 
 
 class DarkslimError(Exception):
-    """Bad user input (a file, an option, a cfg): message names the place and what was expected."""
+    """Bad user input (a file, an option, a cfg): message names the place and what was expected.
+
+    `param` (optional keyword): the library parameter the message is about (e.g. 'sr_local'), for a front end
+    that shows it under its own name (train.py: its flag); None when the error is not about one parameter."""
+
+    def __init__(self, *args, param=None):
+        super().__init__(*args)
+        self.param = param
+
+    def __str__(self):
+        return self.shown({})
+
+    def shown(self, names):
+        """The message with each parameter placeholder `{name}` written as names.get(name, name): a library
+        caller reads parameter names, a CLI passes its flags (e.g. {'percent': '--percent'})."""
+        return _PLACEHOLDER.sub(lambda m: names.get(m.group(1), m.group(1)), super().__str__())
 
 
 def cli_main(main, args):
