@@ -1,23 +1,37 @@
 """Training library for Darknet-cfg YOLOv3 models, with optional BN sparsity for network slimming.
 
 The shape of torchvision's reference scripts: a plain `TrainConfig` (what train.py's options say) ->
-`build(config)` (model, data, optimizer, scheduler, EMA, AMP scaler, sparsity, output paths) ->
+`build(config)` (model, data, optimizer, scheduler, EMA, AMP scaler, loss terms, output paths) ->
 for each epoch `train_one_epoch(run, epoch)` and `evaluate_epoch(run, epoch)` -> `save_checkpoint(run, ...)`.
 `fit(config)` is that loop; `read_resume(path)` reads a checkpoint to continue from.
 
+Config: every option is one `TrainConfig` field whose metadata (`Option`: train.py flags, help, argparse
+keywords, the allowed range) is the single spec: train.py builds its parser from it and `TrainConfig.validate()`
+(which `fit` calls) checks it. A bad value raises a DarkslimError whose `param` is the field and whose message
+names fields as `{field}` placeholders: str() reads the field names, train.py shows `e.shown(option_flags())`.
+
 Optimisation: SGD with Nesterov momentum; weight decay on conv weights only (not BN, not biases); linear warmup
 of the learning rate (and momentum 0.8 -> momentum) over `warmup_epochs`, then cosine decay from lr0 to
-lr0 * lrf, per iteration; the loss (utils.loss) is a per-batch mean, divided by `accumulate` when gradients are
-accumulated. AMP on CUDA only. Heads trained from scratch get prior biases (init_head_biases). With `sr`, the
-L1 subgradient on the prunable BN gammas (utils.sparsity.BNSparsity) is added between backward() and step().
+lr0 * lrf, per iteration; the loss is a per-batch mean, divided by `accumulate` when gradients are
+accumulated. AMP on CUDA only. Heads trained from scratch get prior biases (init_head_biases).
+
+Loss terms: `train_one_epoch` minimises the sum of `run.terms`, a list of `LossTerm`s made by `loss_terms(run)`:
+'detection' (utils.loss: components box, obj, cls) and, with `sr`, 'sparsity' (the L1 subgradient
+s * sign(gamma) on the prunable BN gammas, utils.sparsity.BNSparsity, added between backward() and step(); it
+logs s * sum|gamma| after the step). results.csv and TensorBoard get one column per term (or per component) and
+'total'. To add a term (e.g. distillation: MSE between the outputs and a frozen teacher's), add its options as
+TrainConfig fields and append `LossTerm('kd', loss=lambda model, outputs, targets, imgs: ...)` in `loss_terms`;
+nothing else changes.
 
 Checkpoints (models.save_checkpoint, plain data, torch.load(weights_only=True)): 'model' = the evaluated weights
 (the EMA when ema is on), 'cfg', 'epoch' (last completed, 0-based), 'optimizer', 'best_fitness', 'fitness',
 'results' (that epoch's metrics), 'lr_schedule', 'args' (the run's options), 'ema' = None or {'updates',
 'decay', 'tau', 'train_model': the raw training weights}, 'scaler' (AMP) or None.
 """
+import csv
 import dataclasses
 import math
+import numbers
 import os
 import resource
 import time
@@ -30,6 +44,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import models
 from models import Darknet, load_weights_any, read_checkpoint
+from importance import get_importance
 from prune_utils import get_layer_set
 from utils.darknet_weights import save_weights
 from utils.datasets import DEFAULT_HYP as DATA_HYP
@@ -38,55 +53,129 @@ from utils.errors import DarkslimError
 from utils.evaluate import evaluate
 from utils.io import write_text_atomic
 from utils.loss import DEFAULT_HYP as LOSS_HYP
-from utils.loss import compute_loss
+from utils.loss import loss_components
 from utils.parse_config import infer_shapes, parse_cfg, parse_cfg_text
 from utils.sparsity import LOCAL_DECAY, BNSparsity, format_stats, gamma_histogram_png, sparsity_stats
 from utils.torch_utils import ModelEMA, dist_info, init_seeds, select_device
 
-RESULTS_HEADER = ['epoch', 'box', 'obj', 'cls', 'sparsity', 'total', 'precision', 'recall', 'mAP50', 'mAP50_95',
-                  'f1', 'fitness', 'gamma_small_share', 'gamma_p50', 'lr', 'img_size', 'train_seconds',
-                  'eval_seconds']  # gamma_*: sr only: share of prunable |gamma| < 0.01, median |gamma|
+METRIC_COLUMNS = ['precision', 'recall', 'mAP50', 'mAP50_95', 'f1', 'fitness', 'gamma_small_share', 'gamma_p50',
+                  'lr', 'img_size', 'train_seconds', 'eval_seconds']  # gamma_*: sr only (|gamma| < 0.01, median)
 MULTI_SCALE = (0.67, 1.5)  # multi_scale: input side drawn in this range of img_size (multiples of 32)
 OUTPUT_FILES = {'last_pt': 'last.pt', 'best_pt': 'best.pt', 'last_weights': 'last.weights',
                 'best_weights': 'best.weights', 'results_csv': 'results.csv', 'results_png': 'results.png'}
 
 
+# --- the config: one spec for the library and train.py ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Check:
+    """What a field's value must be: `ok(value)` says whether it is; `expected` says it in words."""
+    ok: object
+    expected: str
+
+
+def _is_int(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def at_least(lo):
+    """An integer >= lo."""
+    return Check(lambda v: _is_int(v) and v >= lo, f"an integer >= {lo}")
+
+
+def within(lo, hi, low_open, high_open, what):
+    """A real number in the interval lo..hi (open ends as told); `what` names it in the message."""
+    def ok(v):
+        return _is_real(v) and (lo < v if low_open else lo <= v) and (v < hi if high_open else v <= hi)
+    return Check(ok, f"{what} in {'(' if low_open else '['}{lo:g}, {hi:g}{')' if high_open else ']'}")
+
+
+def _listed(values):
+    return ', '.join(map(str, values))
+
+
+NON_NEGATIVE = Check(lambda v: _is_real(v) and v >= 0, '>= 0')
+IMG_SIZE = Check(lambda v: _is_int(v) and v > 0 and v % 32 == 0, 'a positive multiple of 32')
+
+
+@dataclass
+class Option:
+    """How a TrainConfig field is offered on train.py's command line and checked by `TrainConfig.validate`:
+    `flags` (default --field-name; the first is the one messages use), `help`, `check` (None: any value; None
+    is allowed where it is the default) and more argparse keywords (metavar, choices, nargs)."""
+    flags: tuple = ()
+    help: str = None
+    check: Check = None
+    argparse: dict = field(default_factory=dict)
+
+    def spellings(self, name):
+        return self.flags or ('--' + name.replace('_', '-'),)
+
+
+def option(default=None, *flags, help=None, check=None, **argparse):
+    """A TrainConfig field with its Option (argparse `choices` are its check unless one is given)."""
+    if check is None and 'choices' in argparse:
+        choices = argparse['choices']
+        check = Check(lambda v: v in choices, f"one of {_listed(choices)}")
+    return field(default=default, metadata={'option': Option(flags, help, check, argparse)})
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run is told (train.py's options, same names). Plain data: it is stored in every
-    checkpoint as 'args' so that a resumed run continues with the same settings."""
-    cfg: str = None
-    data: str = None
-    weights: str = None
-    cutoff: int = None
-    epochs: int = 100
-    batch_size: int = 16
-    accumulate: int = 1
-    img_size: int = None
-    multi_scale: bool = False
-    device: str = 'cpu'
-    workers: int = 2
-    cache: bool = False
-    seed: int = 0
-    out_dir: str = 'weights'
-    lr0: float = 0.01
-    lrf: float = 0.05
-    momentum: float = 0.937
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0
-    hyp: list = None
-    notest: bool = False
-    eval_interval: int = 1
-    nosave: bool = False
-    mosaic: bool = False
-    skip_bad_labels: bool = False
-    ema: bool = False
-    sr: bool = False
-    s: float = 0.001
-    prune: int = 0
-    sr_local: float = None
-    sr_local_start: float = 0.5
-    tensorboard: bool = False
+    checkpoint as 'args' so that a resumed run continues with the same settings. `validate()` checks it."""
+    cfg: str = option(help='Darknet .cfg (optional with --resume: the checkpoint stores it)')
+    data: str = option(help='Darknet .data file (classes, train, valid[, names])')
+    weights: str = option(help='initial weights: darknet .weights or darkslim .pt (model only)')
+    cutoff: int = option(help='load only the first K layers of a .weights (e.g. 74, 15)',
+                         check=Check(lambda v: _is_int(v) and v >= 1, 'a positive layer count'))
+    epochs: int = option(100, check=at_least(1))
+    batch_size: int = option(16, help='total over all DDP processes', check=at_least(1))
+    accumulate: int = option(1, help='batches per optimizer step', check=at_least(1))
+    img_size: int = option(help='train/eval input side (default: the cfg\'s width/height)', check=IMG_SIZE)
+    multi_scale: bool = option(False, help='vary the input side 0.67x..1.5x per step')
+    device: str = option('cpu', help='cpu, cuda or cuda:N (DDP: cuda uses cuda:LOCAL_RANK)')
+    workers: int = option(2, help='DataLoader worker processes', check=at_least(0))
+    cache: bool = option(False, help='decode images once into memory')
+    seed: int = option(0)
+    out_dir: str = option('weights', help='checkpoints, results.csv, histograms')
+    lr0: float = option(0.01, help='initial learning rate', check=NON_NEGATIVE)
+    lrf: float = option(0.05, help='final learning rate as a fraction of --lr0', check=NON_NEGATIVE)
+    momentum: float = option(0.937, check=NON_NEGATIVE)
+    weight_decay: float = option(5e-4, help='on conv weights only', check=NON_NEGATIVE)
+    warmup_epochs: float = option(1.0, check=NON_NEGATIVE)
+    hyp: list = option(help='loss/augmentation overrides (utils/loss.py DEFAULT_HYP, utils/datasets.py '
+                       'DEFAULT_HYP), e.g. giou=3.54 fliplr=0', nargs='*', metavar='KEY=VALUE',
+                       check=Check(lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v),
+                                   'a list of key=value texts'))
+    notest: bool = option(False, help='no per-epoch evaluation (then no best.pt)')
+    eval_interval: int = option(1, help='evaluate (and pick best.pt) every N epochs and after the last one',
+                                check=at_least(1), metavar='N')
+    nosave: bool = option(False, help='write last.pt/last.weights only after the last epoch')
+    mosaic: bool = option(False, help='4-image mosaic augmentation')
+    skip_bad_labels: bool = option(False, help='drop bad label rows instead of stopping')
+    ema: bool = option(False, help='evaluate and save an exponential moving average')
+    sr: bool = option(False, '-sr', '--sr', help='sparsity training: L1 on prunable BN gammas')
+    s: float = option(0.001, '--s', '--sr-rate', check=Check(NON_NEGATIVE.ok, 'a sparsity rate >= 0'),
+                      help='sparsity rate (with -sr); under torchrun spell it --sr-rate (torchrun takes --s for a '
+                           'prefix of its own options)')
+    prune: int = option(0, choices=(0, 1, 2),
+                        help='-sr layer set: 0 normal/regular, 1 shortcut, 2 tiny (as the prune script that follows)')
+    sr_local: float = option(metavar='SHARE', check=within(0, 1, True, False, 'a share of channels'),
+                             help='-sr local s decay: from --sr-local-start on, only this share of the prunable '
+                                  'channels (the smallest |gamma|, re-ranked every epoch) keeps the rate --s, the '
+                                  'others get 1%% of it, so the channels a prune keeps stop shrinking (e.g. 0.85; '
+                                  'default: --s on all)')
+    sr_local_start: float = option(0.5, metavar='FRACTION',
+                                   check=within(0, 1, False, True, 'a fraction of the epochs'),
+                                   help='local s decay starts at this fraction of --epochs (default 0.5; 0: from the '
+                                        'first epoch)')
+    tensorboard: bool = option(False, help='log scalars and BN-gamma histograms to <out-dir>/tensorboard (needs the '
+                                           'tensorboard package; skipped with a message without it)')
 
     @classmethod
     def from_mapping(cls, values):
@@ -96,6 +185,32 @@ class TrainConfig:
 
     def plain(self):
         return _plain(dataclasses.asdict(self))
+
+    def validate(self):
+        """Raise DarkslimError (`param`: the field) for the first value outside its field's range (see
+        `options()`), a local s decay without sparsity, or a bad hyp override; returns the config."""
+        for f, opt in options():
+            v = getattr(self, f.name)
+            if v is None and f.default is None:
+                continue
+            if opt.check is not None and not opt.check.ok(v):
+                shown = repr(v) if isinstance(v, str) else v
+                raise DarkslimError(f"{{{f.name}}} {shown}; expected {opt.check.expected}", param=f.name)
+        if self.sr_local is not None and not self.sr:
+            raise DarkslimError(f"{{sr_local}} {self.sr_local} without {{sr}}; expected {{sr}} (local s decay is a "
+                                "sparsity rate)", param='sr_local')
+        parse_hyp(self.hyp)
+        return self
+
+
+def options():
+    """[(dataclasses.Field, Option)] of every TrainConfig field, in order: the spec train.py and validate read."""
+    return [(f, f.metadata['option']) for f in dataclasses.fields(TrainConfig)]
+
+
+def option_flags():
+    """{field: the train.py flag that messages use} (e.g. 'sr' -> '-sr', 'batch_size' -> '--batch-size')."""
+    return {f.name: opt.spellings(f.name)[0] for f, opt in options()}
 
 
 def _plain(v):
@@ -120,18 +235,18 @@ def parse_hyp(items):
     for item in items or []:
         key, sep, value = item.partition('=')
         if not sep:
-            raise DarkslimError(f"hyp {item!r}; expected key=value")
+            raise DarkslimError(f"{{hyp}} {item!r}; expected key=value", param='hyp')
         try:
             v = float(value)
         except ValueError:
-            raise DarkslimError(f"hyp {item!r}: {value!r} is not a number") from None
+            raise DarkslimError(f"{{hyp}} {item!r}: {value!r} is not a number", param='hyp') from None
         if key in loss_hyp:
             loss_hyp[key] = v
         elif key in data_hyp:
             data_hyp[key] = v
         else:
-            raise DarkslimError(f"hyp {item!r}: unknown key; expected one of "
-                                + ', '.join(sorted(set(loss_hyp) | set(data_hyp))))
+            raise DarkslimError(f"{{hyp}} {item!r}: unknown key; expected one of "
+                                + _listed(sorted(set(loss_hyp) | set(data_hyp))), param='hyp')
     return loss_hyp, data_hyp
 
 
@@ -231,6 +346,7 @@ class Run:
     log: object = print
     tb: object = None
     plain_args: dict = field(default_factory=dict)
+    terms: list = field(default_factory=list)  # LossTerms, see loss_terms()
 
     @property
     def main(self):
@@ -250,7 +366,37 @@ def _model_defs(cfg, ckpt, resume_path):
         defs = parse_cfg_text(ckpt['cfg'], f"{resume_path}[cfg]")
         infer_shapes(defs)
         return defs, resume_path
-    raise DarkslimError("no cfg given; expected a Darknet .cfg (or a last.pt to resume, which stores one)")
+    raise DarkslimError("no {cfg} given; expected a Darknet .cfg (or a last.pt to resume, which stores one)",
+                        param='cfg')
+
+
+# cfg keys darknet trains with that this trainer does not read, and what governs that here instead ({field}:
+# a TrainConfig field, written as the caller names it)
+CFG_TRAINING_KEYS = {
+    'net': {'learning_rate': '{lr0}', 'burn_in': '{warmup_epochs} (epochs, not batches)',
+            'steps': 'the cosine schedule ({lr0}, {lrf}, {epochs})', 'scales': 'the cosine schedule ({lrf})',
+            'policy': 'the cosine schedule', 'max_batches': '{epochs}', 'momentum': '{momentum}',
+            'decay': '{weight_decay}', 'angle': '{hyp} degrees=', 'saturation': '{hyp} hsv_s=',
+            'exposure': '{hyp} hsv_v=', 'hue': '{hyp} hsv_h=', 'mosaic': '{mosaic}'},
+    'yolo': {'iou_loss': 'the GIoU box loss (its gain: {hyp} giou=)', 'iou_normalizer': '{hyp} giou=',
+             'cls_normalizer': '{hyp} cls=', 'obj_normalizer': '{hyp} obj=', 'iou_thresh': '{hyp} iou_t=',
+             'max_delta': 'nothing (no gradient clipping)'},
+}
+
+
+def unused_cfg_keys(defs, names=None):
+    """Lines naming the cfg's training keys this run ignores ('file:line: [section] key -> what governs it',
+    fields written as `names` ({field: text}) says, default their names), one per key (the first [yolo] that
+    sets it stands for all)."""
+    spell = {**{f.name: f.name for f, _ in options()}, **(names or {})}
+    lines, seen = [], set()
+    for d in defs:
+        for key, instead in CFG_TRAINING_KEYS.get(d['type'], {}).items():
+            if key in d and (d['type'], key) not in seen:
+                seen.add((d['type'], key))
+                where = d.where(key) if hasattr(d, 'where') else f"[{d['type']}]"
+                lines.append(f"  {where}: [{d['type']}] {key} -> {instead.format_map(spell)}")
+    return lines
 
 
 def _load_start_weights(run, ckpt):
@@ -325,15 +471,19 @@ def _output_paths(cfg, fresh, log):
     return paths
 
 
-def build(cfg, device=None, rank=0, world=1, ckpt=None, resume_path=None):
+def build(cfg, device=None, rank=0, world=1, ckpt=None, resume_path=None, names=None):
     """A Run ready for epoch `run.start_epoch`: the data is read (and checked against the model's class count)
-    before any weights, the commonest mistake being a cfg for another class count."""
+    before any weights, the commonest mistake being a cfg for another class count. The cfg is parsed once, here;
+    its training keys this trainer ignores are logged (fields written as `names` says, see unused_cfg_keys)."""
     log = print if rank == 0 else (lambda *a, **k: None)
     device = device or select_device(cfg.device)
     loss_hyp, data_hyp = parse_hyp(cfg.hyp)
     if cfg.data is None:
-        raise DarkslimError("no data given; expected a Darknet .data file")
+        raise DarkslimError("no {data} given; expected a Darknet .data file", param='data')
     defs, cfg_name = _model_defs(cfg, ckpt, resume_path)
+    unused = unused_cfg_keys(defs, names)
+    if unused:
+        log("cfg training keys not used by this trainer (darknet's own training reads them):\n" + '\n'.join(unused))
     img_size = check_img_size(cfg.img_size or max(defs[0]['width'], defs[0]['height']))
     if cfg.batch_size % world:
         raise DarkslimError(f"batch size {cfg.batch_size} with {world} processes; expected a multiple of {world}")
@@ -356,6 +506,7 @@ def build(cfg, device=None, rank=0, world=1, ckpt=None, resume_path=None):
     if cfg.sr:
         run.layer_set = get_layer_set(model.module_defs, cfg.prune)
         run.sr = BNSparsity(model, run.layer_set, cfg.s, verbose=rank == 0)
+    run.terms = loss_terms(run)
     if world > 1:
         run.train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None)
@@ -388,12 +539,68 @@ def _tensorboard(cfg, log):
     return SummaryWriter(os.path.join(cfg.out_dir, 'tensorboard'))
 
 
+# --- loss terms -------------------------------------------------------------------------------------------------
+
+@dataclass
+class LossTerm:
+    """One named part of what training minimises (see the module docstring); results columns: `columns`.
+
+    Either `loss(model, outputs, targets, imgs)` -> a 0-dim tensor, or {component: 0-dim tensor} with the
+    component names listed in `components`: added to the loss that backward() differentiates (model: the plain
+    model; outputs: its raw training outputs on imgs). Or a term applied as a gradient: `after_backward(model)`
+    adds it once per optimizer step, between backward() and step() (gradients unscaled), and `value(model)` ->
+    float is what it logs, read after the step."""
+    name: str
+    loss: object = None
+    components: tuple = ()
+    after_backward: object = None
+    value: object = None
+
+    @property
+    def columns(self):
+        return tuple(self.components) or (self.name,)
+
+
+DETECTION_COMPONENTS = ('box', 'obj', 'cls')
+
+
+def detection_term(hyp):
+    """The YOLOv3 loss (utils.loss) with its loss-gain `hyp`: components box (GIoU), obj and cls."""
+    def loss(model, outputs, targets, imgs):
+        parts = loss_components(outputs, targets, model, hyp, img_hw=imgs.shape[-2:])
+        return dict(zip(DETECTION_COMPONENTS, parts))
+    return LossTerm('detection', loss=loss, components=DETECTION_COMPONENTS)
+
+
+def sparsity_term(sr):
+    """L1 s * sum|gamma| on the prunable BN gammas (utils.sparsity.BNSparsity `sr`), applied as its subgradient
+    s * sign(gamma); logs the penalty's value."""
+    return LossTerm('sparsity', after_backward=lambda model: sr.step(), value=lambda model: sr.penalty())
+
+
+def loss_terms(run):
+    """The run's loss terms in results-column order: detection, then sparsity with `sr`. A new term goes here."""
+    terms = [detection_term(run.loss_hyp)]
+    if run.sr is not None:
+        terms.append(sparsity_term(run.sr))
+    return terms
+
+
+def loss_columns(terms):
+    """Results columns of the loss: each term's (or component's) name, then 'total' (their sum)."""
+    return [c for t in terms for c in t.columns] + ['total']
+
+
+def results_header(terms):
+    return ['epoch', *loss_columns(terms), *METRIC_COLUMNS]
+
+
 # --- one epoch --------------------------------------------------------------------------------------------------
 
 @dataclass
 class EpochStats:
-    """Running means over an epoch's batches: box, obj, cls, sparsity and total loss; the last lr and size."""
-    losses: torch.Tensor
+    """Running means over an epoch's batches ({loss column: mean}, see loss_columns); the last lr and size."""
+    losses: dict
     lr: float
     img_size: int
     seconds: float
@@ -407,25 +614,42 @@ def _batch_size_for(run, i, size):
     return int(torch.randint(lo // 32, hi // 32 + 1, ()).item()) * 32
 
 
-def _check_finite(run, loss, items, epoch, i):
+def _forward(run, imgs, targets):
+    """(loss to backpropagate: the sum of the differentiable terms, {column: its 0-dim tensor}) on one batch."""
+    with torch.autocast(device_type=run.device.type, enabled=run.device.type == 'cuda'):
+        outputs = run.train_model(imgs)
+        parts = {}
+        for t in run.terms:
+            if t.loss is not None:
+                out = t.loss(run.model, outputs, targets, imgs)
+                parts.update(out if isinstance(out, dict) else {t.name: out})
+        values = list(parts.values())
+        loss = sum(values[1:], values[0])
+    return loss, parts
+
+
+def _check_finite(run, loss, parts, epoch, i):
     bad = torch.tensor(0. if torch.isfinite(loss) else 1., device=run.device)
     if run.world > 1:  # every rank stops together instead of hanging in the gradient all-reduce
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bad.item():
-        raise DarkslimError(f"epoch {epoch}, batch {i}: non-finite loss {loss.item()} (box, obj, cls = "
-                            f"{', '.join(f'{v:.4g}' for v in items[:3].tolist())}); expected finite: lower the "
+        raise DarkslimError(f"epoch {epoch}, batch {i}: non-finite loss {loss.item()} ({', '.join(parts)} = "
+                            f"{', '.join(f'{v.item():.4g}' for v in parts.values())}); expected finite: lower the "
                             "learning rate (lr0) or check the labels")
 
 
 def _optimizer_step(run, epoch, i, nb):
-    """Set this step's lr and momentum, add the sparsity subgradient, step, and update the EMA; returns lr."""
+    """Set this step's lr and momentum, add the gradient terms (after_backward), step, and update the EMA;
+    returns lr."""
     lr, momentum = lr_at(run.cfg, epoch, i, nb)
     for g in run.optimizer.param_groups:
         g['lr'] = lr
         g['momentum'] = momentum
-    if run.sr is not None:
+    hooks = [t.after_backward for t in run.terms if t.after_backward is not None]
+    if hooks:
         run.scaler.unscale_(run.optimizer)
-        run.sr.step()                                 # between backward() and step(): s * sign(gamma)
+        for hook in hooks:                            # between backward() and step()
+            hook(run.model)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -434,13 +658,27 @@ def _optimizer_step(run, epoch, i, nb):
     return lr
 
 
+def _logged(run, loss, parts):
+    """One batch's values in loss_columns order: the differentiable parts, each gradient term's value (read
+    now, after the step) and the total."""
+    row, extra = [], 0.0
+    for t in run.terms:
+        if t.loss is not None:
+            row += [parts[c].item() for c in t.columns]
+        else:
+            row.append(t.value(run.model))
+            extra += row[-1]
+    return row + [loss.item() + extra]
+
+
 def local_sparsity(run, epoch):
     """Local s decay (cfg.sr_local, see utils.sparsity): from epoch int(sr_local_start * epochs) on, the prunable
-    channels are re-ranked before every epoch and only the sr_local smallest-|gamma| share keeps the full rate."""
+    channels are re-ranked before every epoch and only the sr_local smallest-|gamma| share keeps the full rate
+    (ranked by the prune's 'gamma' importance, so that the ranking is the prune's)."""
     cfg = run.cfg
     if run.sr is None or cfg.sr_local is None or epoch < int(cfg.sr_local_start * cfg.epochs):
         return
-    pressed = run.sr.local_decay(cfg.sr_local)
+    pressed = run.sr.local_decay(cfg.sr_local, importance=get_importance('gamma').scores)
     run.log(f"epoch {epoch} local s decay: {pressed} of the {run.sr.channels} "
             f"prunable channels (the smallest |gamma|) at s={cfg.s:g}, the others at {cfg.s * LOCAL_DECAY:g}")
 
@@ -459,8 +697,9 @@ def train_one_epoch(run, epoch):
     run.train_model.train()
     _seed_epoch(run, epoch)
     nb = len(run.loader)
-    mloss = torch.zeros(5)  # running means: box, obj, cls, sparsity, total
-    run.log(('\n' + '%10s' * 9) % ('epoch', 'mem', 'box', 'obj', 'cls', 'sparsity', 'total', 'targets', 'img'))
+    columns = loss_columns(run.terms)
+    mloss = torch.zeros(len(columns))  # running means, one per loss column
+    run.log(('\n' + '%10s' * (len(columns) + 4)) % ('epoch', 'mem', *columns, 'targets', 'img'))
     bar = enumerate(run.loader)
     if run.main:
         from tqdm import tqdm
@@ -472,20 +711,17 @@ def train_one_epoch(run, epoch):
         size = _batch_size_for(run, i, size)
         if size != imgs.shape[-1]:
             imgs = F.interpolate(imgs, size=(size, size), mode='bilinear', align_corners=False)
-        with torch.autocast(device_type=run.device.type, enabled=run.device.type == 'cuda'):
-            raw = run.train_model(imgs)
-            loss, items = compute_loss(raw, targets, run.model, run.loss_hyp, img_hw=imgs.shape[-2:])
-        _check_finite(run, loss, items, epoch, i)
+        loss, parts = _forward(run, imgs, targets)
+        _check_finite(run, loss, parts, epoch, i)
         run.scaler.scale(loss / run.cfg.accumulate).backward()
         if (i + 1) % run.cfg.accumulate == 0 or i == nb - 1:
             lr = _optimizer_step(run, epoch, i, nb)
         run.train_images += imgs.shape[0]
         if run.main:
-            srl = run.sr.penalty() if run.sr is not None else 0.0
-            mloss = (mloss * i + torch.tensor([*items[:3].tolist(), srl, items[3].item() + srl])) / (i + 1)
-            bar.set_description(('%10s' * 2 + '%10.4g' * 5 + '%10d%10d') % (
+            mloss = (mloss * i + torch.tensor(_logged(run, loss, parts))) / (i + 1)
+            bar.set_description(('%10s' * 2 + '%10.4g' * len(columns) + '%10d%10d') % (
                 f"{epoch}/{run.cfg.epochs - 1}", _mem_text(run.device), *mloss.tolist(), len(targets), size))
-    return EpochStats(mloss, lr, size, time.time() - t0)
+    return EpochStats(dict(zip(columns, mloss.tolist())), lr, size, time.time() - t0)
 
 
 def _mem_text(device):
@@ -520,23 +756,43 @@ def sparsity_epoch(run, epoch):
     return st, path
 
 
-def append_results(run, epoch, stats, res, st, eval_seconds):
-    """One row of results.csv (rewritten atomically), and the same scalars to TensorBoard when on."""
+def results_row(run, epoch, stats, res, st, eval_seconds):
+    """{column: value} of one epoch in results_header order: the loss columns, the metrics (nan when not
+    evaluated), the |gamma| statistics (nan without sr), lr, input size and seconds."""
     nan = float('nan')
-    metrics = [nan] * 5 if res is None else [res[k] for k in ('precision', 'recall', 'mAP50', 'mAP50_95', 'f1')]
-    gam = [nan, nan] if st is None else [st['small_share'], st['p50']]
-    fi = nan if res is None else fitness(res)
-    row = [epoch, *stats.losses.tolist(), *metrics, fi, *gam, stats.lr, run.img_size, stats.seconds, eval_seconds]
+    row = {'epoch': epoch, **stats.losses}
+    row.update({k: nan if res is None else res[k] for k in ('precision', 'recall', 'mAP50', 'mAP50_95', 'f1')})
+    row['fitness'] = nan if res is None else fitness(res)
+    row['gamma_small_share'], row['gamma_p50'] = (nan, nan) if st is None else (st['small_share'], st['p50'])
+    row.update(lr=stats.lr, img_size=run.img_size, train_seconds=stats.seconds, eval_seconds=eval_seconds)
+    return row
+
+
+def _results_text(path, header, row, keep):
+    """results.csv's text: the rows already in `path` when `keep`, then `row`. Rows written under other columns
+    (a resume that turned a loss term on or off) are rewritten under all columns, 'nan' where they have none."""
+    old, columns = [], list(header)
+    if keep and os.path.isfile(path):
+        with open(path, newline='') as f:
+            reader = csv.DictReader(f)
+            old = list(reader)
+            columns += [c for c in reader.fieldnames or () if c not in header]
+    rows = [[r.get(c) or 'nan' for c in columns] for r in old]
+    values = [row.get(c, float('nan')) for c in columns]
+    rows.append([f"{v:.6g}" if isinstance(v, float) else str(v) for v in values])
+    return ''.join(','.join(r) + '\n' for r in [columns, *rows])
+
+
+def append_results(run, epoch, stats, res, st, eval_seconds):
+    """One row of results.csv (rewritten atomically; columns: results_header), and the same scalars to
+    TensorBoard when on."""
+    row = results_row(run, epoch, stats, res, st, eval_seconds)
     path = run.paths['results_csv']
-    old = ''
-    if not (epoch == 0 and run.resumed_from is None) and os.path.isfile(path):
-        with open(path) as f:
-            old = f.read()
-    line = ','.join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row) + '\n'
-    write_text_atomic(path, (old or ','.join(RESULTS_HEADER) + '\n') + line)
+    keep = not (epoch == 0 and run.resumed_from is None)
+    write_text_atomic(path, _results_text(path, results_header(run.terms), row, keep))
     if run.tb is not None:
-        for k, v in zip(RESULTS_HEADER[1:], row[1:]):
-            if isinstance(v, float) and math.isfinite(v):
+        for k, v in row.items():
+            if k != 'epoch' and isinstance(v, float) and math.isfinite(v):
                 run.tb.add_scalar(k, v, epoch)
         if run.sr is not None:
             for i, bn in run.sr.bns.items():
@@ -582,9 +838,13 @@ def _epoch_end(run, epoch, stats, summary):
         save_checkpoint(run, epoch, res, improved and not run.cfg.nosave)
 
 
-def fit(cfg, ckpt=None, resume_path=None):
+def fit(cfg, ckpt=None, resume_path=None, *, names=None):
     """Train as configured (continuing `ckpt`, read from `resume_path`, when given); returns a summary dict on
-    rank 0 ({} on other ranks). Under torchrun it joins the process group (gloo on CPU, nccl on CUDA)."""
+    rank 0 ({} on other ranks). Under torchrun it joins the process group (gloo on CPU, nccl on CUDA).
+
+    The config is validated first (TrainConfig.validate). names: {field: text}, how log lines write the config's
+    fields (train.py passes its flags; default: the field names)."""
+    cfg.validate()
     rank, local_rank, world = dist_info()
     device = select_device(cfg.device)
     if world > 1:
@@ -594,16 +854,16 @@ def fit(cfg, ckpt=None, resume_path=None):
         if not dist.is_initialized():
             dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     try:
-        return _fit(cfg, device, rank, world, ckpt, resume_path)
+        return _fit(cfg, device, rank, world, ckpt, resume_path, names)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _fit(cfg, device, rank, world, ckpt, resume_path):
+def _fit(cfg, device, rank, world, ckpt, resume_path, names):
     t_start = time.time()
     init_seeds(cfg.seed + rank)
-    run = build(cfg, device, rank, world, ckpt, resume_path)
+    run = build(cfg, device, rank, world, ckpt, resume_path, names=names)
     summary = {'metrics': None, 'best_epoch': None, 'gamma_histograms': []}
     train_seconds = 0.0
     for epoch in range(run.start_epoch, cfg.epochs):

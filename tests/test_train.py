@@ -19,6 +19,7 @@ import models
 import train as train_module
 import training
 from data.make_shapes import make_shapes
+from importance import get_importance
 from models import Darknet, load_model
 from prune_utils import get_layer_set
 from tests.helpers import REPO, mini_tiny, mini_yolov3, write
@@ -282,8 +283,29 @@ def test_local_decay_keeps_the_full_rate_on_the_smallest_share_only():
         assert torch.allclose(bn.weight.grad, rate * torch.sign(v))
     assert sr.penalty() == pytest.approx(float((torch.where(values.abs() * n <= round(0.3 * n) + 0.5, 0.1, 0.001)
                                                 * values.abs()).sum()), rel=1e-5)
-    with pytest.raises(ValueError, match='expected 0 < share <= 1'):
+    with pytest.raises(DarkslimError, match='expected 0 < share <= 1'):
         sr.local_decay(0)
+
+
+def test_local_decay_ranks_channels_by_the_scores_it_is_given():
+    """Default: |gamma|, as the prune's 'gamma' importance (same rates); scores ranking the other way round
+    press the largest |gamma| instead."""
+    model = model_from_text(mini_tiny(nc=2, width=64, height=64))
+    layer_set = get_layer_set(model.module_defs, 2)
+    n = sum(model.module_list[i][1].num_features for i in layer_set.prunable)
+    _set_gammas(model, layer_set.prunable, torch.randperm(n).float().add(1) / n)  # distinct |gamma| 1/n .. 1
+    srs = [BNSparsity(model, layer_set, s=0.1, verbose=False) for _ in range(3)]
+    srs[0].local_decay(0.3)
+    srs[1].local_decay(0.3, importance=get_importance('gamma').scores)
+    assert all(torch.equal(srs[0].rates[i], srs[1].rates[i]) for i in layer_set.prunable)
+
+    def largest_first(m, layers):
+        return {i: -m.module_list[i][1].weight.detach().abs().numpy() for i in layers}
+    k = round(0.3 * n)
+    assert srs[2].local_decay(0.3, importance=largest_first) == k
+    for i in layer_set.prunable:
+        rank = model.module_list[i][1].weight.detach() * n          # 1..n, n the largest
+        assert torch.equal(srs[2].rates[i], torch.where(rank > n - k + 0.5, 0.1, 0.001))
 
 
 def _sr_pair(tmp_path, shapes, cfg, extra):

@@ -5,6 +5,7 @@
 raw:     list per [yolo] layer of [B, na, H, W, 5 + nc] pre-activation outputs (model in train mode).
 targets: [N, 6] rows (image index in batch, class, cx, cy, w, h), box normalised to the input image.
 items:   detached [4] tensor (box, obj, cls, total).
+`loss_components(...)` gives the box, obj and cls terms themselves (with grad; the loss is their sum).
 
 Design (what is computed, and where it differs from darknet or ultralytics-v3):
 - Anchor matching by wh-IoU (boxes sharing a corner) between the target's size and each anchor, in input
@@ -152,6 +153,14 @@ def compute_loss(raw, targets, model, hyp=None, img_hw=None):
     img_hw: the input (height, width) in pixels that produced `raw` (default: model.img_size); needed to turn
     the pixel anchors into grid units.
     """
+    lbox, lobj, lcls = loss_components(raw, targets, model, hyp, img_hw)
+    loss = lbox + lobj + lcls
+    return loss, torch.stack((lbox, lobj, lcls, loss)).detach()
+
+
+def loss_components(raw, targets, model, hyp=None, img_hw=None):
+    """(box, obj, cls): the three gained terms of `compute_loss`, 0-dim tensors with grad (their sum is the
+    loss)."""
     hyp = {**DEFAULT_HYP, **(hyp or {})}
     heads = yolo_heads(model)
     if len(raw) != len(heads):
@@ -181,6 +190,4 @@ def compute_loss(raw, targets, model, hyp=None, img_hw=None):
             tc[torch.arange(nb, device=dev), tg['tcls']] = cp
             lcls = lcls + bce(ps[:, 5:], tc, head, cls_pw) / nb
         lobj = lobj + bce(p[..., 4], tobj, head, obj_pw, weight) / tobj.numel()
-    lbox, lobj, lcls = lbox * hyp['giou'], lobj * hyp['obj'], lcls * hyp['cls']
-    loss = lbox + lobj + lcls
-    return loss, torch.stack((lbox, lobj, lcls, loss)).detach()
+    return lbox * hyp['giou'], lobj * hyp['obj'], lcls * hyp['cls']

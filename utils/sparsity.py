@@ -11,14 +11,19 @@ call it once, after the last backward before the step; under AMP after `scaler.u
 the wrapped model after backward: the gradients are already all-reduced and gamma is identical on every rank,
 so every rank adds the same term.
 
-Local s decay (tanluren/yolov3-channel-and-layer-pruning's strategy): `sr.local_decay(share)` ranks the prunable
-channels by |gamma| over all regularized layers (as normal/tiny prune rank them) and from then on only the
-`share` smallest keep the full rate; the others get LOCAL_DECAY * s. The channels a later prune will keep stop
-being pushed toward zero and can take over the work of the ones that still are. Call it again to re-rank.
+Local s decay (tanluren/yolov3-channel-and-layer-pruning's strategy): `sr.local_decay(share, importance)` ranks
+the prunable channels over all regularized layers by the scores `importance(model, layers) -> {layer: numpy
+scores}` gives (pass the prune's own channel scores so that the ranking is the prune's; default |gamma|) and from
+then on only the `share` smallest keep the full rate; the others get LOCAL_DECAY * s. The channels a later prune
+will keep stop being pushed toward zero and can take over the work of the ones that still are. Call it again to
+re-rank.
+
+Bad values (a negative rate, a share outside (0, 1], a layer without BatchNorm) raise utils.errors.DarkslimError.
 """
 import numpy as np
 import torch
 
+from utils.errors import DarkslimError
 from utils.torch_utils import de_parallel
 
 SMALL_GAMMA = 0.01  # |gamma| below this counts as "near zero" in sparsity_stats
@@ -33,7 +38,8 @@ def bn_modules(model, layers):
     for i in layers:
         seq = m.module_list[i]
         if m.module_defs[i]['type'] != 'convolutional' or not isinstance(seq[1], torch.nn.BatchNorm2d):
-            raise ValueError(f"layer {i} is not a [convolutional] with batch_normalize")
+            raise DarkslimError(f"layer {i} is not a [convolutional] with batch_normalize; expected the BN "
+                                "layers of a layer set")
         out[i] = seq[1]
     return out
 
@@ -43,7 +49,8 @@ class BNSparsity:
 
     def __init__(self, model, layer_set, s, verbose=True):
         if s < 0:
-            raise ValueError(f"sparsity rate s={s}; expected >= 0")
+            raise DarkslimError(f"sparsity rate s={s}; expected >= 0")
+        self.model = de_parallel(model)
         self.s = float(s)
         self.layers = sorted(layer_set.prunable)
         self.excluded = dict(layer_set.excluded)
@@ -65,17 +72,20 @@ class BNSparsity:
         return '\n'.join(lines)
 
     @torch.no_grad()
-    def local_decay(self, share, factor=LOCAL_DECAY):
-        """Keep the full rate on the `share` (0 < share <= 1) smallest-|gamma| regularized channels, ranked over
-        all layers together; give the others factor * s. Returns how many channels keep the full rate."""
+    def local_decay(self, share, factor=LOCAL_DECAY, importance=None):
+        """Keep the full rate on the `share` (0 < share <= 1) lowest-scoring regularized channels, ranked over
+        all layers together; give the others factor * s. Returns how many channels keep the full rate.
+
+        importance(model, layers) -> {layer: numpy scores, one per channel}; default |gamma|."""
         if not 0 < share <= 1:
-            raise ValueError(f"local decay share {share}; expected 0 < share <= 1")
+            raise DarkslimError(f"local decay share {share}; expected 0 < share <= 1")
         if not self.bns:
             return 0
-        g = torch.cat([bn.weight.detach().abs().flatten() for bn in self.bns.values()])
-        cut = g.sort().values[max(1, round(share * g.numel())) - 1]  # the largest |gamma| still pressed
-        self.rates = {i: torch.where(bn.weight.detach().abs() <= cut, self.s, self.s * factor)
-                      for i, bn in self.bns.items()}
+        scores = (importance or _abs_gamma)(self.model, self.layers)
+        g = np.concatenate([np.asarray(scores[i]).ravel() for i in self.layers])
+        cut = np.sort(g)[max(1, round(share * g.size)) - 1]  # the largest score still pressed
+        self.rates = {i: torch.where(torch.from_numpy(np.asarray(scores[i]) <= cut).to(bn.weight.device),
+                                     self.s, self.s * factor) for i, bn in self.bns.items()}
         return int((g <= cut).sum())
 
     def _rate(self, i):
@@ -98,6 +108,11 @@ class BNSparsity:
         if not self.bns:
             return 0.0
         return float(sum((self._rate(i) * bn.weight.abs()).sum() for i, bn in self.bns.items()))
+
+
+def _abs_gamma(model, layers):
+    """{layer: |gamma| of its BatchNorm (float32 numpy)}: local_decay's default channel scores."""
+    return {i: bn.weight.detach().abs().float().cpu().numpy() for i, bn in bn_modules(model, layers).items()}
 
 
 def prunable_gammas(model, layer_set):
