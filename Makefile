@@ -19,7 +19,7 @@ demo: $(VENV)/.installed
 	$(VPY) demo.py
 
 bench: $(VENV)/.installed
-	$(VPY) bench/run_all.py
+	$(VPY) -m bench.run_all
 
 clean-venv:
 	rm -rf $(VENV)

@@ -20,7 +20,6 @@ of one two-thread training); each output line is prefixed with its step's name a
 OUT/logs/STEP.log.
 """
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -147,13 +146,6 @@ def run_steps(steps, jobs, log_dir, log):
 
 def rel(path):
     return os.path.relpath(path, REPO)
-
-
-def last_map50(out_dir):
-    """mAP@0.5 of the best epoch in train.py's results.csv."""
-    with open(os.path.join(out_dir, 'results.csv')) as f:
-        rows = list(csv.DictReader(f))
-    return max(float(r['mAP50']) for r in rows)
 
 
 def describe(cfg, weights, data, img_size):

@@ -339,11 +339,6 @@ def checkpoint_cfg(ckpt, path):
     return parse_cfg_text(ckpt['cfg'], f"{path}[cfg]")
 
 
-def cfg_from_checkpoint(path):
-    """The cfg sections stored in a .pt checkpoint."""
-    return checkpoint_cfg(read_checkpoint(path), path)
-
-
 def check_weights_path(path):
     path = os.fspath(path)
     if not os.path.isfile(path):

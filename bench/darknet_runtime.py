@@ -1,8 +1,9 @@
 """The original darknet (libdarknet, CPU, single-threaded) as a deployment runtime that a benchmark can time pass by
 pass, interleaved with other runtimes.
 
-Each network lives in its own child Python process (this file as a script; numpy + ctypes only): darknet stops
-the whole process on bad input (exit(0) or abort()), and a child keeps that from ending the benchmark silently.
+Each network lives in its own child Python process (`python -m bench.darknet_runtime`; numpy + ctypes only):
+darknet stops the whole process on bad input (exit(0) or abort()), and a child keeps that from ending the benchmark
+silently.
 The child loads the cfg + weights once and then answers one-line commands on a pipe:
 
     input PATH.npy   set the [1, C, H, W] float32 input (0..1 RGB, the tensor the PyTorch model takes)
@@ -16,8 +17,8 @@ The child loads the cfg + weights once and then answers one-line commands on a p
         heads = net.yolo_outputs()      # {layer index: darknet's [yolo] buffer}
 
 The cfg must already say batch=1 and the input's height and width in [net] (darknet sizes its buffers from
-[net]). Accessors into darknet's `network`/`layer` structs come from tests/darknet_lib.py's shim, compiled against
-the shipped darknet.h; `supported` says which cfgs pjreddie's darknet can run at all.
+[net]). Accessors into darknet's `network`/`layer` structs come from utils/darknet_lib.py's shim, compiled against
+the shipped darknet.h; `unsupported` says which cfgs pjreddie's darknet cannot run.
 """
 import os
 import subprocess
@@ -26,20 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from tests.darknet_lib import build_shim, darknet_missing  # noqa: E402
+from utils.darknet_lib import DARKNET_HEADER, DARKNET_LIB, build_shim, child_python, darknet_missing
 
 # activations pjreddie's darknet parses (activations.c get_activation); it maps others to relu with a warning
 DARKNET_ACTIVATIONS = {'logistic', 'loggy', 'relu', 'elu', 'selu', 'relie', 'plse', 'hardtan', 'lhtan', 'linear',
                        'ramp', 'leaky', 'tanh', 'stair'}
 
 
-def missing():
-    """Why darknet cannot run here (a sentence), or None when it can."""
-    return darknet_missing()
+def missing(lib=DARKNET_LIB, header=DARKNET_HEADER):
+    """Why darknet (libdarknet `lib`, built from `header`) cannot run here (a sentence), or None when it can."""
+    return darknet_missing(lib, header)
 
 
 def unsupported(defs):
@@ -60,20 +57,22 @@ def unsupported(defs):
 
 
 class DarknetNet:
-    """One darknet network loaded in a child process (see the module docstring). Call close() (or use `with`)."""
+    """One darknet network loaded in a child process (see the module docstring). Call close() (or use `with`).
+    `lib`: the libdarknet to run, `header`: the darknet.h it was built from."""
 
-    def __init__(self, cfg, weights, workdir):
+    def __init__(self, cfg, weights, workdir, lib=DARKNET_LIB, header=DARKNET_HEADER):
         for p in (cfg, weights):
             if not Path(p).is_file():  # darknet would exit(0) on a missing file
                 raise FileNotFoundError(p)
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()  # the child runs in the repository: it is given absolute paths
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.cfg, self.log_path = str(cfg), self.workdir / f'darknet-{Path(cfg).stem}.log'
         env = {**os.environ, 'OMP_NUM_THREADS': '1', 'QT_QPA_PLATFORM': 'offscreen'}
         self._log = open(self.log_path, 'wb')
-        self.proc = subprocess.Popen([sys.executable, __file__, str(build_shim()), str(cfg), str(weights)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env,
-                                     text=True, bufsize=1)
+        args, cwd = child_python('bench.darknet_runtime', os.path.abspath(lib), build_shim(header=header),
+                                 os.path.abspath(cfg), os.path.abspath(weights))
+        self.proc = subprocess.Popen(args, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+                                     env=env, text=True, bufsize=1)
         self._reply('ready')
 
     def _reply(self, expect):
@@ -128,16 +127,16 @@ class DarknetNet:
 
 # --- child side ---------------------------------------------------------------------------------------------------
 
-def serve(shim_path, cfg, weights):
+def serve(lib_path, shim_path, cfg, weights):
     """The child's loop: replies go to the original stdout; fd 1 is pointed at stderr first, so that darknet's own
     printf output cannot interleave with them."""
     import ctypes
     import time
 
-    from tests.darknet_lib import open_darknet, yolo_buffers
+    from utils.darknet_lib import open_darknet, yolo_buffers
     reply = os.fdopen(os.dup(1), 'w', buffering=1)
     os.dup2(2, 1)
-    lib, shim = open_darknet(shim_path)
+    lib, shim = open_darknet(shim_path, lib_path)
     net = lib.load_network(os.fsencode(cfg), os.fsencode(weights), 0)
     lib.set_batch_network(net, 1)
     shape = (1, shim.dk_net_c(net), shim.dk_net_h(net), shim.dk_net_w(net))
@@ -168,4 +167,4 @@ def serve(shim_path, cfg, weights):
 
 
 if __name__ == '__main__':
-    serve(*sys.argv[1:4])
+    serve(*sys.argv[1:5])

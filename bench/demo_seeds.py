@@ -1,6 +1,6 @@
 """Does the demo's sparse-training quality hold beyond one seed? `make demo`'s sparse training, seed by seed.
 
-    python bench/demo_seeds.py [--seeds 1 2] [--no-ema] [--out runs/demo-seeds] [-- more demo.py options]
+    python -m bench.demo_seeds [--seeds 1 2] [--no-ema] [--out runs/demo-seeds] [-- more demo.py options]
 
 For each seed: the shapes dataset of that seed (as `demo.py --seed N` makes it) and the demo's two sparse-training
 steps exactly as demo.py builds them (demo.training_steps with demo.py's default options), all steps --jobs at a
@@ -12,14 +12,11 @@ Prints a table and writes bench/results/demo-seeds.json.
 import argparse
 import csv
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import demo  # noqa: E402
-from bench.common import load_average, print_table, write_result  # noqa: E402
-from utils.errors import cli_main  # noqa: E402
+import demo
+from bench.common import load_average, print_table, write_result
+from utils.errors import cli_main
 
 TARGETS = {'sparse': 0.80, 'tiny_sparse': 0.85}
 

@@ -1,7 +1,7 @@
 """Does a pruned model's BFLOPs saving turn into speed where it is deployed? Original vs compact models, batch-1 CPU
 latency, one thread, in four runtimes: PyTorch, OpenCV DNN, onnxruntime and the original darknet.
 
-    python bench/deploy_bench.py [--runs 15] [--img-size 416] [--parts synthetic,real,demo]
+    python -m bench.deploy_bench [--runs 15] [--img-size 416] [--parts synthetic,real,demo]
         [--runtimes torch,opencv,onnxruntime,darknet] [--real PRUNED_CFG PRUNED_WEIGHTS]
         [--demo-report runs/demo/report.json] [--demo-root CHECKOUT]
 
@@ -39,23 +39,20 @@ import json
 import os
 import re
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import prune_layers  # noqa: E402
-import prune_utils  # noqa: E402
-from bench.common import REPO, load_average, print_table, write_result  # noqa: E402
-from models import Darknet, layer_table, load_model, model_info  # noqa: E402
-from utils.darknet_weights import save_weights  # noqa: E402
-from utils.errors import DarkslimError, cli_main  # noqa: E402
-from utils.onnx_export import yolo_shapes  # noqa: E402
-from utils.parse_config import write_cfg  # noqa: E402
+import prune_layers
+import prune_utils
+from bench.common import REPO, load_average, print_table, write_result
+from models import Darknet, layer_table, load_model, model_info
+from utils.darknet_weights import save_weights
+from utils.errors import DarkslimError, cli_main
+from utils.onnx_export import yolo_shapes
+from utils.parse_config import write_cfg
 
 PARTS = ('synthetic', 'real', 'demo')
 RUNTIMES = ('torch', 'opencv', 'onnxruntime', 'darknet')

@@ -1,9 +1,9 @@
 """Evaluation speed: this test.py against an earlier commit's test.py on the same run, side by side.
 
-    python bench/eval_bench.py [--runs 3] [--baseline 542e3d6] [--img-size 416] [--batch-size 16]
+    python -m bench.eval_bench [--runs 3] [--baseline 542e3d6] [--img-size 416] [--batch-size 16]
                                [--conf-thres 0.001] [--device cpu] [--threads 0] [--name eval]
-    python bench/eval_bench.py --map-only          # one run of each variant: mAP only, no result file
-    python bench/eval_bench.py --random-cfgs cfg/yolov3-tiny.cfg cfg/yolov3.cfg [--limit N]   # see below
+    python -m bench.eval_bench --map-only          # one run of each variant: mAP only, no result file
+    python -m bench.eval_bench --random-cfgs cfg/yolov3-tiny.cfg cfg/yolov3.cfg [--limit N]   # see below
 
 Run: the real COCO yolov3-tiny (../shared/models/yolov3-tiny-coco) on coco128 val2017 (../shared/datasets/coco128,
 128 images) through a temporary .data file (classes from coco.names; train= as well, which the older test.py
@@ -31,11 +31,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import load_average, print_table, write_result  # noqa: E402
-from utils.datasets import load_names  # noqa: E402
-from utils.errors import DarkslimError, cli_main  # noqa: E402
+from bench.common import load_average, print_table, write_result
+from utils.datasets import load_names
+from utils.errors import DarkslimError, cli_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), 'shared')

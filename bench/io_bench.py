@@ -1,23 +1,20 @@
 """Darknet core I/O speed: parse + build + load of yolov3 (random 248 MB .weights), and save.
 
-    python bench/io_bench.py [--cfg cfg/yolov3.cfg] [--repeat 3]
-Prints a table and writes bench/results/io.json. Target (issue 2): <= 3 s each on a 2-core CPU.
+    python -m bench.io_bench [--cfg cfg/yolov3.cfg] [--repeat 3]
+Prints a table and writes bench/results/io.json. Target: <= 3 s each on a 2-core CPU.
 """
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from bench.common import load_average, print_table, write_result  # noqa: E402
-from models import Darknet, load_model  # noqa: E402
-from utils.darknet_weights import save_weights  # noqa: E402
-from utils.errors import cli_main  # noqa: E402
+from bench.common import load_average, print_table, write_result
+from models import Darknet, load_model
+from utils.darknet_weights import save_weights
+from utils.errors import cli_main
 
 
 def get_args_parser():

@@ -1,7 +1,7 @@
 """Pruning speed and payoff: yolov3 at 416 (channels and residual blocks) and yolov4-tiny at 416 (channels through
 its [route] groups splits), with gamma distributions shaped like those after sparse training.
 
-    python bench/prune_bench.py [--img-size 416] [--runs 15] [--threads 1] [--part yolov3|v4tiny|all]
+    python -m bench.prune_bench [--img-size 416] [--runs 15] [--threads 1] [--part yolov3|v4tiny|all]
 
 Sparse-like gamma (`sparse_like_`): real sparse training does not thin every layer alike. Each BN layer draws
 its own share of near-zero channels (around --near-zero, spread +-0.25) and its own scale for the live ones; the
@@ -16,8 +16,8 @@ target <= 10 s, and the `shortcut_prune.py` command end to end. (b) per strategy
 efficiency = speedup / BFLOPs reduction; target >= 0.85 with --round-to 8. (c) layer pruning: --shortcuts 8 and
 16, alone and with --percent 0.5, beside channel-only rows at similar BFLOPs. (d) GPU when present: batch 1 and
 64, CUDA graphs (utils.latency.latencies); otherwise recorded as not measured.
-yolov4-tiny: normal and tiny at --percent 0.3 and 0.5, and the share of channels prunable now vs with the CSP
-splits' inputs excluded (as before they could be pruned in equal slices).
+yolov4-tiny: normal and tiny at --percent 0.3 and 0.5, and the share of channels prunable, with and without the CSP
+splits' inputs (pruned in equal slices).
 The load average before and after is recorded; a run is called idle only when both stay under 0.5 per core.
 Prints tables and writes bench/results/prune.json.
 """
@@ -28,17 +28,15 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-import prune_layers  # noqa: E402
-import prune_utils  # noqa: E402
-from bench.common import REPO, load_average, print_table, write_result  # noqa: E402
-from models import Darknet, load_model, model_info  # noqa: E402
-from utils.darknet_weights import save_weights  # noqa: E402
-from utils.errors import cli_main  # noqa: E402
-from utils.latency import latencies  # noqa: E402
+import prune_layers
+import prune_utils
+from bench.common import REPO, load_average, print_table, write_result
+from models import Darknet, load_model, model_info
+from utils.darknet_weights import save_weights
+from utils.errors import cli_main
+from utils.latency import latencies
 
 # (row name, strategy, round_to, percent); percent None = --percent
 CHANNEL_ROWS = [('normal', 'normal', None, None), ('shortcut', 'shortcut', None, None),
@@ -211,11 +209,11 @@ def v4tiny_rows(args):
         compact = prune_utils.compact_model(model, plan)
         nets.append(compact)
         total = sum(ls.filters.values())
-        now = sum(ls.filters[i] for i in ls.prunable)
-        before = now - sum(ls.filters[i] for i in ls.slices)
+        prunable = sum(ls.filters[i] for i in ls.prunable)
+        without_splits = prunable - sum(ls.filters[i] for i in ls.slices)
         rows.append({'name': f"{strategy} {percent}", 'strategy': strategy, 'percent': percent,
-                     'removed_share': plan.removed_share, 'prunable_share': now / total,
-                     'prunable_share_without_splits': before / total,
+                     'removed_share': plan.removed_share, 'prunable_share': prunable / total,
+                     'prunable_share_without_splits': without_splits / total,
                      **dict(zip(('params_after', 'bflops_after'), model_info(compact.defs, s, s)))})
     return rows, nets, model
 
@@ -250,12 +248,12 @@ def main(args):
               f"(target <= {PRUNE_TARGET_S} s); (b) --round-to 8 efficiency {eff8:.2f} (target >= "
               f"{EFFICIENCY_TARGET})")
         gpu = gpu_latencies([model] + nets, (s, s), max(args.runs, GPU_MIN_RUNS))
-        print("(d) GPU: " + ("not measured: no GPU lent" if gpu is None else str(gpu)))
+        print("(d) GPU: " + ("not measured: no GPU" if gpu is None else str(gpu)))
         out['yolov3'] = {'cfg': args.cfg, 'original': {'params': p0, 'bflops': b0, 'latency_ms': ms}, 'rows': rows,
                          'cli_shortcut_prune_seconds': cli, 'max_prune_seconds': worst,
                          'met': {'prune_seconds': max(worst, cli) <= PRUNE_TARGET_S,
                                  'efficiency_round_to_8': eff8 >= EFFICIENCY_TARGET},
-                         'gpu': 'not measured: no GPU lent' if gpu is None else {
+                         'gpu': 'not measured: no GPU' if gpu is None else {
                              'device': torch.cuda.get_device_name(0), 'batches': {str(b): g for b, g in gpu.items()}}}
     if args.part in ('v4tiny', 'all'):
         rows, nets, model = v4tiny_rows(args)
@@ -263,7 +261,7 @@ def main(args):
         p0, b0 = model_info(model.defs, s, s)
         print_rows(rows, ms, p0, b0, f" {args.v4tiny_cfg} @ {s} ")
         for r in rows:
-            print(f"  {r['name']}: prunable channels {r['prunable_share']:.0%} now, "
+            print(f"  {r['name']}: prunable channels {r['prunable_share']:.0%}, "
                   f"{r['prunable_share_without_splits']:.0%} with the splits' inputs excluded")
         out['yolov4_tiny'] = {'cfg': args.v4tiny_cfg, 'original': {'params': p0, 'bflops': b0, 'latency_ms': ms},
                               'rows': rows}

@@ -1,6 +1,6 @@
 """Slimming a real detector on real images: the official COCO yolov3-tiny on coco128, end to end.
 
-    python bench/real_bench.py [--part A|A-latency|B|all] [--epochs E] [--ft-epochs F] [--calib 128] [--threads 2]
+    python -m bench.real_bench [--part A|A-latency|B|all] [--epochs E] [--ft-epochs F] [--calib 128] [--threads 2]
 
 Needs ../shared/models/yolov3-tiny-coco (the official cfg + weights) and ../shared/datasets/coco128; skips with
 a message without them. Everything at 416; mAP on coco128 val (128 images), calibration, sparse training and
@@ -22,26 +22,23 @@ Prints tables and writes bench/results/real.json (A and B as run; a part not run
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import calibrate  # noqa: E402
-import prune_utils  # noqa: E402
-from bench.common import REPO, RESULTS, load_average, print_table, write_result  # noqa: E402
-from models import load_model, model_info  # noqa: E402
-from training import TrainConfig, fit  # noqa: E402
-from utils.darknet_weights import save_weights  # noqa: E402
-from utils.errors import cli_main  # noqa: E402
-from utils.evaluate import evaluate  # noqa: E402
-from utils.latency import latencies  # noqa: E402
-from utils.parse_config import write_cfg  # noqa: E402
-from utils.sparsity import sparsity_stats  # noqa: E402
+import calibrate
+import prune_utils
+from bench.common import REPO, RESULTS, load_average, print_table, write_result
+from models import load_model, model_info
+from training import TrainConfig, fit
+from utils.darknet_weights import save_weights
+from utils.errors import cli_main
+from utils.evaluate import evaluate
+from utils.latency import latencies
+from utils.parse_config import write_cfg
+from utils.sparsity import sparsity_stats
 
 SHARED = os.path.join(os.path.dirname(REPO), 'shared')
 MODEL_DIR = os.path.join(SHARED, 'models', 'yolov3-tiny-coco')

@@ -1,6 +1,6 @@
 """Run every benchmark of the project and rewrite bench/results/*.json (what `make bench` runs).
 
-    python bench/run_all.py [--only io prune eval train real deploy demo-seeds]
+    python -m bench.run_all [--only io prune eval train real deploy demo-seeds]
 
 Each script prints its own table; this prints which ones ran and how long they took. The README's numbers
 come from the JSON files these write (each with machine, date and git commit).
@@ -12,9 +12,9 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCHES = {'io': 'bench/io_bench.py', 'prune': 'bench/prune_bench.py', 'eval': 'bench/eval_bench.py',
-           'train': 'bench/train_bench.py', 'real': 'bench/real_bench.py', 'deploy': 'bench/deploy_bench.py',
-           'demo-seeds': 'bench/demo_seeds.py'}
+BENCHES = {'io': 'bench.io_bench', 'prune': 'bench.prune_bench', 'eval': 'bench.eval_bench',
+           'train': 'bench.train_bench', 'real': 'bench.real_bench', 'deploy': 'bench.deploy_bench',
+           'demo-seeds': 'bench.demo_seeds'}
 
 
 def get_args_parser():
@@ -28,7 +28,7 @@ def main(args):
     for name in args.only or BENCHES:
         print(f"\n=== {name}: {BENCHES[name]}", flush=True)
         t = time.perf_counter()
-        rc = subprocess.run([sys.executable, BENCHES[name]], cwd=REPO).returncode
+        rc = subprocess.run([sys.executable, '-m', BENCHES[name]], cwd=REPO).returncode
         print(f"=== {name}: exit {rc} in {time.perf_counter() - t:.0f} s", flush=True)
         if rc:
             failed.append(name)

@@ -1,7 +1,7 @@
 """Training speed and demo convergence.
 
-    python bench/train_bench.py [--skip-throughput] [--skip-demo] [--demo-only-settings]
-    python bench/train_bench.py --img-size 224 --width 0.5 --epochs 30 ...      (demo settings)
+    python -m bench.train_bench [--skip-throughput] [--skip-demo] [--demo-only-settings]
+    python -m bench.train_bench --img-size 224 --width 0.5 --epochs 30 ...      (demo settings)
 
 (a) Throughput: images/s of train steps (forward, loss, backward, SGD step) of cfg/yolov3-tiny.cfg at 320,
     batch 16, on a synthetic random batch with a few targets per image (a few warm steps, then timed steps).
@@ -15,18 +15,15 @@ Prints tables and writes bench/results/train.json.
 import argparse
 import csv
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from bench.common import load_average, print_table, write_result  # noqa: E402
-from training import TrainConfig, fit  # noqa: E402
-from utils.errors import cli_main  # noqa: E402
+from bench.common import load_average, print_table, write_result
+from training import TrainConfig, fit
+from utils.errors import cli_main
 
 TARGET_MAP50 = 0.90
 TARGET_SECONDS = 600.0
@@ -265,7 +262,7 @@ def main(args):
             result['throughput_cuda'] = bench_throughput(args.throughput_cfg, args.throughput_size,
                                                          args.throughput_batch, 5, 20, torch.device('cuda'))
         else:
-            result['throughput_cuda'] = 'not measured: no GPU lent'
+            result['throughput_cuda'] = 'not measured: no GPU'
         rows = [['device', 'cfg', 'img', 'batch', 's/step', 'images/s']]
         for r in (cpu, result['throughput_cuda']):
             if isinstance(r, dict):

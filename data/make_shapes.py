@@ -1,6 +1,6 @@
 """Synthetic detection dataset of coloured shapes, in Darknet/YOLO format, deterministic in its arguments.
 
-    python data/make_shapes.py --out data/shapes --n-train 800 --n-val 200 --img-size 256 --seed 0
+    python -m data.make_shapes --out data/shapes --n-train 800 --n-val 200 --img-size 256 --seed 0   # in the repo
 
 Writes DIR/images/{train,val}/*.jpg, DIR/labels/{train,val}/*.txt (class cx cy w h, normalized; an empty file
 for a background-only image), DIR/train.txt and DIR/val.txt (image paths relative to DIR), DIR/shapes.names and
@@ -16,11 +16,7 @@ import argparse
 import math
 import os
 import shutil
-import sys
 import tempfile
-
-if __package__ in (None, ''):  # run as a script: make the repo root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cv2
 import numpy as np

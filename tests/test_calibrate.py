@@ -12,8 +12,7 @@ from calibrate import (RefitOptions, affected_layers, calibrated_compact, calibr
                        mean_activations, recalibrate_bn, ridge_solve)
 from models import BN_EPS, BN_MOMENTUM, Darknet
 from prune_utils import compact_model, get_layer_set, loose_model, make_plan
-from tests.helpers import ANCHORS6, conv, mini_tiny, mini_yolov3, randomize_, yolo
-from tests.prune_helpers import max_diff, raw_outputs, sparsify_
+from tests.helpers import ANCHORS6, conv, max_diff, mini_tiny, mini_yolov3, randomize_, raw_outputs, sparsify_, yolo
 from utils.errors import DarkslimError
 from utils.parse_config import parse_cfg_text
 from tests.helpers import one_thread  # noqa: F401 (autouse: one intra-op thread in this file)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from models import Darknet
-from tests.helpers import ANCHORS6, OUR_CFGS, REPO, SHARED_CFGS, conv, mini_tiny, randomize_, write, yolo
-from tests.test_models import assert_matches_opencv
+from tests.helpers import (ANCHORS6, OUR_CFGS, REPO, SHARED_CFGS, assert_matches_opencv, conv, mini_tiny, randomize_,
+                           tiny_prn, write, yolo)
 from utils.errors import DarkslimError
 from utils.parse_config import RANGES, infer_shapes, parse_cfg, write_cfg
 
@@ -313,23 +313,6 @@ def test_shortcut_adds_the_overlapping_channels_only(tmp_path):
         expected = prev.clone()
         expected[:, :k] += src[:, :k]
         assert torch.allclose(sc([prev, src]), torch.nn.functional.leaky_relu(expected, 0.1))
-
-
-def tiny_prn(nc=2):
-    """A yolov3-tiny-prn-like cfg (AlexeyAB cfg/yolov3-tiny-prn.cfg at 1/8 of its channels): shortcuts that add a
-    32-channel layer to 16-channel layers (from=8)."""
-    s = "[net]\nwidth=96\nheight=96\nchannels=3\n"
-    for i, f in enumerate([2, 4, 8, 16, 32, 64]):                      # 0..11: conv + maxpool pairs
-        s += conv(f, 3) + f"[maxpool]\nsize=2\nstride={1 if i == 5 else 2}\n"
-    s += conv(64, 3) + "[shortcut]\nactivation=leaky\nfrom=-3\n"       # 12 13
-    s += conv(32, 1) + conv(32, 3) + "[shortcut]\nactivation=leaky\nfrom=-2\n"   # 14 15 16
-    s += conv(3 * (nc + 5), 1, bn=0, act='linear') + yolo([3, 4, 5], ANCHORS6, nc)  # 17 18
-    s += "[route]\nlayers=-4\n" + conv(16, 1) + "[upsample]\nstride=2\n"   # 19 20 21
-    s += "[shortcut]\nactivation=leaky\nfrom=8\n"                     # 22: 16 + 32 channels
-    s += conv(16, 3) + "[shortcut]\nactivation=leaky\nfrom=-3\n"      # 23 24
-    s += "[shortcut]\nactivation=leaky\nfrom=8\n"                     # 25
-    s += conv(3 * (nc + 5), 1, bn=0, act='linear') + yolo([1, 2, 3], ANCHORS6, nc)  # 26 27
-    return s
 
 
 def test_tiny_prn_like_network_equals_opencv(tmp_path):

@@ -16,10 +16,9 @@ import torch
 
 from models import Darknet, load_model
 from prune_utils import get_layer_set
-from tests.darknet_lib import (DARKNET_CLI, cfg_for_input, darknet_run, max_yolo_diff, need_darknet,
-                               need_darknet_cli)
-from tests.helpers import REPO, need_shared, randomize_
-from tests.prune_helpers import narrow_defs, raw_outputs, sparsify_
+from tests.helpers import (REPO, narrow_defs, need_darknet, need_darknet_cli, need_shared, randomize_, raw_outputs,
+                           sparsify_)
+from utils.darknet_lib import DARKNET_CLI, cfg_for_input, darknet_run, max_yolo_diff
 from utils.darknet_weights import save_weights
 from utils.datasets import image_tensor, imread, letterbox
 from utils.parse_config import parse_cfg, write_cfg

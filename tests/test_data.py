@@ -445,17 +445,18 @@ def test_make_shapes_is_deterministic_and_loads(tmp_path, monkeypatch, capsys):
 
 
 def test_make_shapes_cli_replaces_only_its_own_output(tmp_path):
-    cmd = [sys.executable, os.path.join(REPO, 'data', 'make_shapes.py'), '--n-train', '3', '--n-val', '2',
-           '--img-size', '48', '--seed', '1', '--out']
-    r = subprocess.run(cmd + ['out'], cwd=tmp_path, capture_output=True, text=True)
+    cmd = [sys.executable, '-m', 'data.make_shapes', '--n-train', '3', '--n-val', '2', '--img-size', '48', '--seed',
+           '1', '--out']
+    env = {**os.environ, 'PYTHONPATH': REPO}  # run in another folder, the repository on the module path
+    r = subprocess.run(cmd + ['out'], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     make_shapes(str(tmp_path / 'lib'), n_train=3, n_val=2, img_size=48, seed=1)
     assert tree_bytes(tmp_path / 'out') == tree_bytes(tmp_path / 'lib')
-    r = subprocess.run(cmd + ['out'], cwd=tmp_path, capture_output=True, text=True)  # rerun over its own output
+    r = subprocess.run(cmd + ['out'], cwd=tmp_path, capture_output=True, text=True, env=env)  # over its own output
     assert r.returncode == 0 and tree_bytes(tmp_path / 'out') == tree_bytes(tmp_path / 'lib')
     (tmp_path / 'mine').mkdir()
     (tmp_path / 'mine' / 'precious.txt').write_text('keep')
-    r = subprocess.run(cmd + ['mine'], cwd=tmp_path, capture_output=True, text=True)
+    r = subprocess.run(cmd + ['mine'], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'not a make_shapes output' in r.stderr
     assert os.listdir(tmp_path / 'mine') == ['precious.txt']
 

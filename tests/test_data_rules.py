@@ -12,8 +12,7 @@ import test as test_cli  # the test.py command line
 import train as train_module
 from data.make_shapes import CLASSES, make_shapes
 from models import Darknet, save_checkpoint
-from tests.helpers import cocoeval, mini_tiny, need_shared, randomize_, write
-from tests.test_eval_speed import RectOracle, _oracle_dets
+from tests.helpers import RectOracle, _oracle_dets, cocoeval, mini_tiny, need_shared, randomize_, write
 from utils.datasets import parse_data_cfg
 from utils.errors import DarkslimError
 from utils.evaluate import evaluate

@@ -10,7 +10,6 @@ original pixels, matching, AP, JSON) is the real test.py / detect.py code.
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import detect as detect_mod
 import test as test_cli  # the test.py command line (a module named test_cli here: pytest collects no module)
 from data.make_shapes import CLASSES, make_shapes
 from models import Darknet, save_checkpoint
-from tests.helpers import REPO, cocoeval, mini_tiny, randomize_
+from tests.helpers import REPO, _noisy_detections, _original_xyxy, cocoeval, mini_tiny, randomize_
 from utils.datasets import LoadImagesAndLabels
 from utils.errors import DarkslimError
 from utils.evaluate import evaluate
@@ -72,39 +71,6 @@ def _letterboxed_xyxy(lab, h0, w0, s):
     dw, dh = (s - nw) // 2, (s - nh) // 2
     cx, cy, w, h = lab[:, 1] * nw + dw, lab[:, 2] * nh + dh, lab[:, 3] * nw, lab[:, 4] * nh
     return np.stack([lab[:, 0], cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
-
-
-def _original_xyxy(lab, h0, w0):
-    return np.stack([lab[:, 0], (lab[:, 1] - lab[:, 3] / 2) * w0, (lab[:, 2] - lab[:, 4] / 2) * h0,
-                     (lab[:, 1] + lab[:, 3] / 2) * w0, (lab[:, 2] + lab[:, 4] / 2) * h0], 1)
-
-
-def _noisy_detections(lab_xyxy, s, nc, seed):
-    """Rows [n, 5 + nc] (cx, cy, w, h, obj, class probs) in letterboxed pixels: each GT box missed (15%) or found
-    with jitter of random size (tight, loose or poor), a wrong class now and then, a weaker second class, random
-    scores; plus a few false positives. Deterministic in `seed`."""
-    rng = np.random.default_rng(seed)
-    rows = []
-
-    def row(cx, cy, w, h, score, c, p2):
-        probs = np.zeros(nc)
-        probs[c] = 1.0
-        probs[(c + 1) % nc] = p2  # also a candidate of another class, score * p2 (multi-label NMS)
-        rows.append(np.concatenate([[cx, cy, w, h, score], probs]))
-
-    for c, x1, y1, x2, y2 in lab_xyxy.tolist():
-        if rng.random() < 0.15:
-            continue
-        w, h = x2 - x1, y2 - y1
-        sigma = rng.choice([0.02, 0.08, 0.25])
-        c = int(c) if rng.random() < 0.85 else int(rng.integers(nc))
-        row((x1 + x2) / 2 + rng.normal(0, sigma * w), (y1 + y2) / 2 + rng.normal(0, sigma * h),
-            w * np.exp(rng.normal(0, sigma)), h * np.exp(rng.normal(0, sigma)), rng.uniform(0.05, 1.0), c,
-            rng.uniform(0, 0.5))
-    for _ in range(int(rng.integers(0, 4))):
-        row(rng.uniform(0, s), rng.uniform(0, s), rng.uniform(0.05, 0.5) * s, rng.uniform(0.05, 0.5) * s,
-            rng.uniform(0.01, 0.6), int(rng.integers(nc)), rng.uniform(0, 0.5))
-    return np.array(rows, dtype=np.float32).reshape(-1, 5 + nc)
 
 
 class OracleDetector(torch.nn.Module):

@@ -1,10 +1,10 @@
 """Fast evaluation: rectangular batches (shapes hand-computed, results equal to the square letterbox for an oracle
 detector, pycocotools agreement on a rect run's JSON), loader workers, --half, test.py's --square.
 
-The oracle here knows each image's detections in ORIGINAL pixels. Given a batch of any shape (h, w) it
-recognises each image by letterboxing every known image to that shape itself (cv2, geometry written out below,
-independent of utils.datasets) and returns the detections mapped into that letterbox. So a correct evaluation
-maps them back to the same original boxes whatever the batching: rect and square runs must agree.
+The oracle (RectOracle in tests/helpers.py) knows each image's detections in ORIGINAL pixels. Given a batch of any
+shape (h, w) it recognises each image by letterboxing every known image to that shape itself (cv2, geometry written
+out there, independent of utils.datasets) and returns the detections mapped into that letterbox. So a correct
+evaluation maps them back to the same original boxes whatever the batching: rect and square runs must agree.
 """
 import json
 import os
@@ -18,8 +18,7 @@ import torch
 import test as test_cli  # the test.py command line
 from data.make_shapes import CLASSES, make_shapes
 from models import Darknet, save_checkpoint
-from tests.helpers import cocoeval, mini_tiny, randomize_
-from tests.test_eval import _noisy_detections, _original_xyxy
+from tests.helpers import RectOracle, _oracle_dets, _original_xyxy, cocoeval, mini_tiny, randomize_
 from utils.datasets import LoadImagesAndLabels, RectBatchSampler, rect_batches, scale_coords
 from utils.errors import DarkslimError
 from utils.evaluate import default_workers, evaluate
@@ -101,70 +100,6 @@ def test_rect_items_have_their_batch_shape_and_map_back(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- rect == square
-
-class RectOracle(torch.nn.Module):
-    """Eval contract of models.Darknet (decoded [B, N, 5 + nc]: cx, cy, w, h in input pixels, objectness,
-    class probabilities). images: original BGR arrays; dets[k]: [n, 4 + 1 + nc] x1, y1, x2, y2 in image k's
-    pixels, objectness, class probabilities; s: the letterbox long side."""
-
-    def __init__(self, images, dets, nc, s):
-        super().__init__()
-        self.images, self.dets, self.nc, self.s = images, dets, nc, s
-        self.img_size = (s, s)
-        self.banks, self.shapes_seen = {}, []
-
-    def _geometry(self, k, hw):
-        """(scale x, scale y, left, top) of image k letterboxed into an hw input: long side s, centred."""
-        h0, w0 = self.images[k].shape[:2]
-        r = self.s / max(h0, w0)
-        nh, nw = max(1, round(h0 * r)), max(1, round(w0 * r))
-        return nw / w0, nh / h0, (hw[1] - nw) // 2, (hw[0] - nh) // 2, nh, nw
-
-    def _bank(self, hw):
-        if hw not in self.banks:
-            bank = []
-            for k, img in enumerate(self.images):
-                _, _, left, top, nh, nw = self._geometry(k, hw)
-                if left < 0 or top < 0:  # does not fit this shape: never matches
-                    bank.append(torch.full((3, *hw), -1.0))
-                    continue
-                small = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if nh < img.shape[0] else
-                                   cv2.INTER_LINEAR)
-                canvas = np.full((*hw, 3), 114, np.uint8)
-                canvas[top:top + nh, left:left + nw] = small
-                bank.append(torch.from_numpy(canvas[:, :, ::-1].transpose(2, 0, 1).copy()).float() / 255)
-            self.banks[hw] = torch.stack(bank)
-        return self.banks[hw]
-
-    def forward(self, x):
-        hw = tuple(x.shape[2:])
-        self.shapes_seen.append(hw)
-        bank, out = self._bank(hw), []
-        for img in x:
-            d = (bank - img[None]).abs().flatten(1).mean(1)
-            k = int(d.argmin())
-            assert float(d[k]) < 1e-3, f"oracle does not know this image (mean abs diff {float(d[k])})"
-            sx, sy, left, top, _, _ = self._geometry(k, hw)
-            det = self.dets[k]
-            x1, y1, x2, y2 = det[:, 0] * sx + left, det[:, 1] * sy + top, det[:, 2] * sx + left, det[:, 3] * sy + top
-            rows = np.concatenate([np.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], 1), det[:, 4:]], 1)
-            out.append(torch.from_numpy(rows.astype(np.float32)))
-        batch = torch.zeros(len(out), max(len(r) for r in out), 5 + self.nc)  # zero rows: below any threshold
-        for b, r in enumerate(out):
-            batch[b, :len(r)] = r
-        return batch, []
-
-
-def _oracle_dets(labels, sizes, nc):
-    """Noisy detections (misses, jitter, wrong classes, false positives) in original pixels, per image."""
-    dets = []
-    for i, (lab, (h0, w0)) in enumerate(zip(labels, sizes)):
-        rows = _noisy_detections(_original_xyxy(lab, h0, w0), max(h0, w0), nc, seed=i)  # cx, cy, w, h, obj, p
-        xyxy = np.stack([rows[:, 0] - rows[:, 2] / 2, rows[:, 1] - rows[:, 3] / 2, rows[:, 0] + rows[:, 2] / 2,
-                         rows[:, 1] + rows[:, 3] / 2], 1)
-        dets.append(np.concatenate([xyxy, rows[:, 4:]], 1).astype(np.float64))
-    return dets
-
 
 CROPS = [(1.0, 1.0), (0.5, 1.0), (1.0, 0.55), (0.7, 1.0), (1.0, 0.8), (0.4, 1.0), (0.85, 1.0)]  # kept of (h, w)
 

@@ -9,8 +9,7 @@ import torch
 
 from models import Darknet
 from prune_utils import compact_model, get_layer_set, make_plan
-from tests.helpers import ANCHORS6, REPO, conv, need_shared, randomize_, write, yolo
-from tests.prune_helpers import narrow_defs, sparsify_
+from tests.helpers import ANCHORS6, REPO, conv, narrow_defs, need_shared, randomize_, sparsify_, write, yolo
 from utils.errors import DarkslimError
 from utils.onnx_export import export_onnx
 from utils.parse_config import parse_cfg

@@ -12,9 +12,8 @@ import torch
 
 from models import Darknet, load_model
 from prune_utils import compact_model, get_layer_set, loose_model, make_plan
-from tests.helpers import REPO, conv, randomize_, write, yolo
-from tests.prune_helpers import max_diff, narrow_defs, raw_outputs
-from tests.test_models import assert_matches_opencv
+from tests.helpers import (REPO, assert_matches_opencv, conv, max_diff, narrow_defs, randomize_, raw_outputs, write,
+                           yolo)
 from utils.darknet_weights import save_weights
 from utils.parse_config import parse_cfg, write_cfg
 from utils.sparsity import BNSparsity
@@ -216,7 +215,7 @@ def test_unequal_width_shortcut_couples_only_the_overlap(tmp_path):
     """yolov3-tiny-prn's [shortcut] from=8 adds the first 16 of layer 8's 32 channels to 16-channel layers: those
     16 share the group's mask, layer 8's other 16 channels prune on their own; zero channels out -> outputs
     unchanged, and the written model equals OpenCV's import of it."""
-    from tests.test_cfg_validation import tiny_prn
+    from tests.helpers import tiny_prn
     cfg = write(tmp_path, 'prn.cfg', tiny_prn(nc=3))
     model = randomize_(Darknet(cfg), seed=11).eval()
     ls = get_layer_set(model.module_defs, 'shortcut')
@@ -234,7 +233,7 @@ def test_unequal_width_shortcut_couples_only_the_overlap(tmp_path):
 
 
 def test_unequal_width_overlap_with_live_beta_folds_like_loose(tmp_path):
-    from tests.test_cfg_validation import tiny_prn
+    from tests.helpers import tiny_prn
     model = randomize_(Darknet(write(tmp_path, 'prn.cfg', tiny_prn(nc=3))), seed=14).eval()
     with torch.no_grad():
         for m in model.modules():

@@ -17,9 +17,8 @@ import layer_prune
 import prune_utils
 from models import Darknet, load_model
 from prune_layers import find_blocks, prune
-from tests.helpers import ANCHORS6, REPO, conv, mini_yolov3, randomize_, write, yolo
-from tests.prune_helpers import max_diff, narrow_defs, raw_outputs, sparsify_
-from tests.test_models import assert_matches_opencv
+from tests.helpers import (ANCHORS6, REPO, assert_matches_opencv, conv, max_diff, mini_yolov3, narrow_defs, randomize_,
+                           raw_outputs, sparsify_, write, yolo)
 from utils.darknet_weights import save_weights
 from utils.errors import DarkslimError, cli_main
 from utils.parse_config import layer_inputs, parse_cfg, write_cfg

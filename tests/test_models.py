@@ -2,14 +2,13 @@
 import subprocess
 import sys
 
-import cv2
 import numpy as np
 import pytest
 import torch
 
 from models import Darknet, load_model, make_cfg, model_info, save_checkpoint
-from tests.helpers import (ANCHORS6, OUR_CFGS, REPO, SHARED_CFGS, conv, counted_cost, mini_tiny, mini_yolov3,
-                           need_shared, randomize_, write, yolo)
+from tests.helpers import (ANCHORS6, OUR_CFGS, REPO, SHARED_CFGS, assert_matches_opencv, conv, counted_cost, mini_tiny,
+                           mini_yolov3, need_shared, randomize_, write, yolo)
 from utils.darknet_weights import load_darknet_weights, save_weights
 from utils.errors import DarkslimError
 from utils.parse_config import cfg_text, parse_cfg, write_cfg
@@ -81,58 +80,6 @@ def test_cli_reports_a_bad_cfg_in_one_line_exit_2(tmp_path):
 
 
 # --- model vs OpenCV --------------------------------------------------------------------------------------------
-
-def opencv_yolo_outputs(cfg, weights, x):
-    """OpenCV's [yolo] outputs, reshaped to [na, H, W, 5+nc] per head, in cfg order."""
-    net = cv2.dnn.readNetFromDarknet(str(cfg), str(weights))
-    net.setInput(x.numpy())
-    names = net.getUnconnectedOutLayersNames()
-    order = sorted(range(len(names)), key=lambda k: int(names[k].split('_')[-1]))
-    outs = net.forward(names)
-    return [outs[k] for k in order]
-
-
-OPENCV_CLASS_THRESH = 0.2  # OpenCV's region layer zeroes obj*cls scores under this (darknet's -thresh default)
-
-
-def opencv_max_diff(model, cfg, weights, x, tol=2e-3):
-    """Largest difference between our decoded output for input x [1, 3, h, w], mapped to darknet's yolo output
-    space (x, y, w, h / input size; obj; obj*cls), and OpenCV's for the files cfg + weights. w, h =
-    exp(t)*anchor are compared as log ratios (i.e. in t), since exp turns the BN-eps residue (1e-5 vs 1e-6) into
-    a relative error; class scores where OpenCV kept them (where it zeroed one, ours must be under its
-    threshold, within tol)."""
-    h, w = x.shape[-2:]
-    with torch.no_grad():
-        inf, raw = model.eval()(x)
-    ref = opencv_yolo_outputs(cfg, weights, x)
-    assert len(ref) == len(raw)
-    worst, start = 0.0, 0
-    for r, o in zip(raw, ref):
-        _, na, ny, nx, no = r.shape
-        ours = inf[0, start:start + na * ny * nx].view(na, ny, nx, no).clone()
-        start += na * ny * nx
-        ours[..., [0, 2]] /= w
-        ours[..., [1, 3]] /= h
-        ours[..., 5:] *= ours[..., 4:5]
-        theirs = torch.from_numpy(o).view(ny, nx, na, no).permute(2, 0, 1, 3)  # OpenCV rows: y, x, anchor
-        d_xy_obj = (ours[..., [0, 1, 4]] - theirs[..., [0, 1, 4]]).abs().max()
-        d_wh = (ours[..., 2:4].log() - theirs[..., 2:4].log()).abs().max()
-        kept = theirs[..., 5:] > 0
-        d_cls = (ours[..., 5:][kept] - theirs[..., 5:][kept]).abs().max() if kept.any() else torch.tensor(0.)
-        assert (ours[..., 5:][~kept] < OPENCV_CLASS_THRESH + tol).all()
-        worst = max(worst, d_xy_obj.item(), d_wh.item(), d_cls.item())
-    return worst
-
-
-def assert_matches_opencv(model, cfg, tmp_path, h, w, tol=2e-3):
-    """Our model (its weights written here) equals OpenCV's import of cfg + those weights on a random h x w
-    input, within tol (see opencv_max_diff). Returns the max difference."""
-    weights = save_weights(model, tmp_path / 'w.weights')
-    x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(1))
-    worst = opencv_max_diff(model, cfg, weights, x, tol)
-    assert worst < tol
-    return worst
-
 
 @pytest.mark.parametrize('path', SHARED_CFGS + OUR_CFGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_forward_equals_opencv_darknet_importer(path, tmp_path):

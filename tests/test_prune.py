@@ -18,11 +18,10 @@ import torch
 from models import Darknet, load_model, model_info, save_checkpoint
 from prune_cli import resolve_inputs
 from prune_utils import compact_model, get_layer_set, loose_model, make_plan, threshold_for_percent
-from tests.helpers import (ANCHORS6, OUR_CFGS, REPO, SHARED_CFGS, conv, counted_cost, mini_tiny, mini_yolov3,
-                           randomize_, write, yolo)
+from tests.helpers import (ANCHORS6, OUR_CFGS, REPO, SHARED_CFGS, assert_matches_opencv, conv, counted_cost, max_diff,
+                           mini_tiny, mini_yolov3, narrow_defs, one_by_one_cfg, randomize_, raw_outputs, sparsify_,
+                           write, yolo)
 from tests.helpers import one_thread  # noqa: F401 (autouse: one intra-op thread in this file)
-from tests.prune_helpers import max_diff, narrow_defs, one_by_one_cfg, raw_outputs, sparsify_
-from tests.test_models import assert_matches_opencv
 from utils.darknet_weights import save_weights
 from utils.errors import DarkslimError
 from utils.parse_config import parse_cfg, write_cfg

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from models import load_model
-from tests.helpers import REPO, cocoeval, need_shared
-from tests.test_models import opencv_max_diff
+from tests.helpers import REPO, cocoeval, need_shared, opencv_max_diff
 from utils.darknet_weights import save_weights
 from utils.datasets import image_tensor, imread, letterbox
 from utils.metrics import coco_category_ids, coco_gt_from_labels, coco_image_ids

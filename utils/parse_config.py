@@ -172,9 +172,6 @@ RANGES = {
         'equidistant_point': NONNEG,
     },
 }
-NET_KEYS = set(RANGES['net'])
-LAYER_KEYS = {t: set(opts) for t, opts in RANGES.items() if t != 'net'}
-LIST_KEYS = {k for opts in RANGES.values() for k, o in opts.items() if o.kind in ('ints', 'reals')}
 SECTION_ALIASES = {'network': 'net', 'conv': 'convolutional', 'max': 'maxpool'}  # darknet parser.c
 # darknet layer types (parser.c string_to_layer_type) this project does not implement
 DARKNET_ONLY = frozenset({

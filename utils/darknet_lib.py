@@ -1,16 +1,20 @@
-"""The original darknet as a test reference: its forward pass and its .weights writer, driven through libdarknet.
+"""The original darknet as a reference: its forward pass and its .weights writer, driven through libdarknet
+(used by the tests and by bench/darknet_runtime.py).
 
 Debian's `darknet` package (pjreddie's darknet, CPU build) ships /usr/lib/darknet/libdarknet.so and its header
 /usr/lib/darknet/include/darknet.h. `network` and `layer` are plain C structs whose layout we never copy by hand:
 a few-line C shim is compiled with gcc against the shipped header and exports accessors (net->n,
-net->layers[i].output, ...), so every field offset and the YOLO enum value come from that header.
+net->layers[i].output, ...), so every field offset and the YOLO enum value come from that header. The library and
+header default to Debian's (or $DARKNET_LIB, $DARKNET_HEADER); the functions here also take them as arguments.
 
 darknet stops the whole process on bad input (exit(0) or abort() from error()/file_error()), and an exit(0) inside
-pytest would end the run looking green. So each job runs in a child Python process (this file as a script, numpy +
-ctypes only): `darknet_run` passes the input as .npy and reads the results back from .npz, and a job that ends
-without writing them is an error.
+pytest would end the run looking green. So each job runs in a child Python process (`python -m
+utils.darknet_lib`, numpy + ctypes only): `darknet_run` passes the input as .npy and reads the results back from
+.npz, and a job that ends without writing them is an error.
 
-    yolo = darknet_yolo_outputs(cfg, weights, x, workdir)   # per [yolo] layer: [n anchors, 5+classes, H, W]
+    run_cfg = cfg_for_input(cfg, workdir / 'run.cfg', height, width)   # [net] batch=1 and the input's size
+    bufs, log = darknet_run(run_cfg, weights, workdir, x=x, resave=out)
+    # bufs: {[yolo] layer index: [n anchors, 5+classes, H, W]}; out: darknet's save_weights of the loaded net
 
 darknet's [yolo] layer output is its input with logistic applied to x, y, objectness and class scores and w, h
 left raw (yolo_layer.c forward_yolo_layer); `to_darknet_space` maps our raw head outputs there.
@@ -27,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+REPO = Path(__file__).resolve().parents[1]
 DARKNET_LIB = Path(os.environ.get('DARKNET_LIB', '/usr/lib/darknet/libdarknet.so'))
 DARKNET_HEADER = Path(os.environ.get('DARKNET_HEADER', '/usr/lib/darknet/include/darknet.h'))
 DARKNET_CLI = shutil.which('darknet') or '/usr/bin/darknet'
@@ -52,36 +57,35 @@ float *dk_output(network *net, int i) { return net->layers[i].output; }
 """
 
 
-def darknet_missing():
-    """Why libdarknet cannot be used here (a sentence), or None when it can."""
-    if not DARKNET_LIB.is_file():
-        return f"{DARKNET_LIB} absent (apt-get install darknet)"
-    if not DARKNET_HEADER.is_file():
-        return f"{DARKNET_HEADER} absent (apt-get install darknet)"
+def darknet_missing(lib=DARKNET_LIB, header=DARKNET_HEADER):
+    """Why libdarknet `lib` with its `header` cannot be used here (a sentence), or None when it can."""
+    if not Path(lib).is_file():
+        return f"{lib} absent (apt-get install darknet)"
+    if not Path(header).is_file():
+        return f"{header} absent (apt-get install darknet)"
     if shutil.which('gcc') is None:
         return "gcc absent: the accessor shim is compiled against darknet.h"
     return None
 
 
-def need_darknet():
-    """Skip the calling test unless libdarknet, its header and gcc are present."""
-    import pytest
-    why = darknet_missing()
-    if why:
-        pytest.skip(why)
+def darknet_cli_missing(cli=DARKNET_CLI):
+    """Why the darknet executable `cli` cannot be run here (a sentence), or None when it can."""
+    if not os.access(cli, os.X_OK):
+        return f"{cli} absent (apt-get install darknet)"
+    return None
 
 
-def need_darknet_cli():
-    """Skip the calling test unless the darknet executable is present."""
-    import pytest
-    if not os.access(DARKNET_CLI, os.X_OK):
-        pytest.skip(f"{DARKNET_CLI} absent (apt-get install darknet)")
+def child_python(module, *args):
+    """(argv, cwd) that run `python -m module args` with this repository importable whatever the caller's working
+    folder: the child starts in the repository, so give it absolute paths."""
+    return [sys.executable, '-m', module, *map(str, args)], REPO
 
 
-def build_shim(folder=None):
-    """Compile SHIM_SOURCE against darknet.h into `folder` (default: a temp folder keyed by the header and
-    shim contents, reused by later calls). Returns the shared library's path."""
-    key = hashlib.sha256(SHIM_SOURCE.encode() + DARKNET_HEADER.read_bytes()).hexdigest()[:16]
+def build_shim(folder=None, header=DARKNET_HEADER):
+    """Compile SHIM_SOURCE against `header` (darknet.h) into `folder` (default: a temp folder keyed by the header
+    and shim contents, reused by later calls). Returns the shared library's path."""
+    header = Path(header)
+    key = hashlib.sha256(SHIM_SOURCE.encode() + header.read_bytes()).hexdigest()[:16]
     folder = Path(folder or Path(tempfile.gettempdir()) / f'darkslim-darknet-shim-{key}')
     lib = folder / 'dkshim.so'
     if lib.is_file():
@@ -91,7 +95,7 @@ def build_shim(folder=None):
     src.write_text(SHIM_SOURCE)
     tmp = folder / f'.dkshim.{os.getpid()}.so'
     # the header is the CPU build's: GPU/CUDNN undefined, as libdarknet was built (checked in open_darknet)
-    r = subprocess.run(['gcc', '-shared', '-fPIC', '-O1', f'-I{DARKNET_HEADER.parent}', str(src), '-o', str(tmp)],
+    r = subprocess.run(['gcc', '-shared', '-fPIC', '-O1', f'-I{header.parent}', str(src), '-o', str(tmp)],
                        capture_output=True, text=True)
     src.unlink()
     if r.returncode != 0:
@@ -127,11 +131,11 @@ def cfg_for_input(src, dst, height=None, width=None):
 
 # --- child side: libdarknet in this process ---------------------------------------------------------------------
 
-def open_darknet(shim_path):
+def open_darknet(shim_path, lib_path=DARKNET_LIB):
     """(libdarknet, shim) as ctypes libraries with the signatures used here."""
-    lib = ctypes.CDLL(str(DARKNET_LIB))
+    lib = ctypes.CDLL(str(lib_path))
     if hasattr(lib, 'forward_network_gpu'):  # defined only when built with GPU
-        raise RuntimeError(f"{DARKNET_LIB} is a GPU build; the shim is compiled for the CPU layout")
+        raise RuntimeError(f"{lib_path} is a GPU build; the shim is compiled for the CPU layout")
     shim = ctypes.CDLL(str(shim_path))
     vp, c_int = ctypes.c_void_p, ctypes.c_int
     lib.load_network.restype, lib.load_network.argtypes = vp, [ctypes.c_char_p, ctypes.c_char_p, c_int]
@@ -162,10 +166,10 @@ def yolo_buffers(shim, net):
     return out
 
 
-def child_job(shim_path, cfg, weights, x_path, out_npz, resave):
-    """Load cfg + weights in darknet, run `x` (.npy [1, 3, H, W] float32) and write the [yolo] buffers to
-    `out_npz` (keys 'yolo_<layer>'); with `resave`, also darknet's own save_weights of the loaded net."""
-    lib, shim = open_darknet(shim_path)
+def child_job(lib_path, shim_path, cfg, weights, x_path, out_npz, resave):
+    """Load cfg + weights in darknet `lib_path`, run `x` (.npy [1, 3, H, W] float32) and write the [yolo] buffers
+    to `out_npz` (keys 'yolo_<layer>'); with `resave`, also darknet's own save_weights of the loaded net."""
+    lib, shim = open_darknet(shim_path, lib_path)
     net = lib.load_network(os.fsencode(cfg), os.fsencode(weights), 0)  # clear=0 keeps the header's `seen`
     lib.set_batch_network(net, 1)
     result = {}
@@ -184,10 +188,11 @@ def child_job(shim_path, cfg, weights, x_path, out_npz, resave):
 
 # --- parent side ------------------------------------------------------------------------------------------------
 
-def darknet_run(cfg, weights, workdir, x=None, resave=None):
+def darknet_run(cfg, weights, workdir, x=None, resave=None, lib=DARKNET_LIB, header=DARKNET_HEADER):
     """Run one darknet job in a child process (see the module docstring). `x`: [1, 3, H, W] array or tensor
-    with H, W equal to the cfg's [net] height, width. Returns ({layer index: yolo buffer}, darknet's stdout+stderr).
-    """
+    with H, W equal to the cfg's [net] height, width; `lib`: the libdarknet to run, `header`: the darknet.h it was
+    built from (the accessor shim is compiled against it). Returns ({layer index: yolo buffer}, darknet's
+    stdout+stderr)."""
     for p in (cfg, weights):
         if not Path(p).is_file():  # darknet would exit(0) on a missing file
             raise FileNotFoundError(p)
@@ -200,31 +205,15 @@ def darknet_run(cfg, weights, workdir, x=None, resave=None):
     if x is not None:
         x_path = workdir / 'darknet_in.npy'
         np.save(x_path, np.asarray(x, dtype=np.float32))
-    args = [sys.executable, __file__, str(build_shim()), str(cfg), str(weights), str(x_path), str(out_npz),
-            str(resave or '')]
+    files = (lib, build_shim(header=header), cfg, weights, x_path, out_npz, resave)
+    args, cwd = child_python('utils.darknet_lib', *(os.path.abspath(f) if f else '' for f in files))
     env = {**os.environ, 'QT_QPA_PLATFORM': 'offscreen', 'OMP_NUM_THREADS': '1'}
-    r = subprocess.run(args, capture_output=True, text=True, env=env)
+    r = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
     log = r.stdout + r.stderr
     if r.returncode != 0 or not out_npz.is_file():
         raise RuntimeError(f"darknet job failed (exit {r.returncode}) on {cfg}, {weights}:\n{log[-3000:]}")
     with np.load(out_npz) as z:
         return {int(k.split('_')[1]): z[k] for k in z.files}, log
-
-
-def darknet_yolo_outputs(cfg, weights, x, workdir):
-    """darknet's [yolo] layer outputs for input `x` [1, 3, H, W] (0..1 RGB), in cfg order: a list of
-    [n anchors, 5+classes, H', W'] arrays. The cfg is copied with [net] batch=1 and x's height and width."""
-    x = np.asarray(x, dtype=np.float32)
-    run_cfg = cfg_for_input(cfg, Path(workdir) / 'darknet_run.cfg', x.shape[2], x.shape[3])
-    bufs, _ = darknet_run(run_cfg, weights, workdir, x=x)
-    return [bufs[i] for i in sorted(bufs)]
-
-
-def darknet_resave(cfg, weights, out, workdir):
-    """darknet's own save_weights of `weights` loaded into `cfg` (written to `out`)."""
-    run_cfg = cfg_for_input(cfg, Path(workdir) / 'darknet_run.cfg')
-    darknet_run(run_cfg, weights, workdir, resave=out)
-    return Path(out)
 
 
 def to_darknet_space(raw):
@@ -248,4 +237,4 @@ def max_yolo_diff(ours_raw, theirs):
 
 
 if __name__ == '__main__':
-    child_job(*sys.argv[1:6], sys.argv[6] or None)
+    child_job(*sys.argv[1:7], sys.argv[7] or None)
