@@ -27,7 +27,7 @@ DEFAULT_WEIGHTS = os.path.join('weights', 'last.pt')   # train.py's default outp
 DEFAULT_CALIB_STEPS = calibrate.DEFAULT_STEPS   # measured best on the real yolov3-tiny (bench/real_bench.py A)
 FLAGS = {'percent': '--percent', 'threshold': '--threshold', 'min_keep': '--min-keep', 'round_to': '--round-to',
          'n_blocks': '--shortcuts', 'calib': '--calib', 'calib_steps': '--calib-steps', 'importance': '--importance',
-         'plan': '--plan', 'strategy': 'the script'}
+         'plan': '--plan', 'strategy': 'the script', 'target_flops': '--target-flops', 'greedy': '--l1-greedy'}
 MODEL_PARAMS = {'n_blocks', 'plan'}    # errors about what the model holds: the message names the model file
 
 
@@ -45,6 +45,9 @@ def add_prune_args(p, strategy):
         'then also from the remaining network, in shortcut mode; default: no channel prune'
     how.add_argument('--percent', type=float, help=f"share of prunable channels to remove ({share})")
     how.add_argument('--threshold', type=float, help='remove channels scoring below this')
+    how.add_argument('--target-flops', type=float, metavar='F',
+                     help='remove the lowest-score channels until the BFLOPs (at --img-size) fall by at least F '
+                          '(e.g. 0.35)' + ('; counts the blocks removed first' if strategy == 'layer' else ''))
     p.add_argument('--min-keep', type=int, metavar='K',
                    help='off by default: a layer the cut would empty stops the prune with an error; with K, such '
                         'a layer keeps its K highest-score channels and the prune goes on (other layers are '
@@ -55,6 +58,9 @@ def add_prune_args(p, strategy):
                             ('; default: a power of two' if strategy == 'regular' else ''))
     p.add_argument('--importance', default='gamma', choices=sorted(IMPORTANCES),
                    help='channel score: ' + '; '.join(f"{k}: {v.label}" for k, v in sorted(IMPORTANCES.items())))
+    p.add_argument('--l1-greedy', action='store_true',
+                   help='with --importance l1: filter norms without the input channels removed upstream (Li et '
+                        'al. 2017, greedy); independent per layer by default')
     p.add_argument('--plan', metavar='FILE', help="replay the plan of an earlier prune (its .json or .pt) on the "
                                                  "same weights: the same outputs, choices not made again")
     p.add_argument('--img-size', type=int, help="input size for BFLOPs, latency and mAP (default: the cfg's)")
@@ -67,8 +73,8 @@ def add_prune_args(p, strategy):
     p.add_argument('--batch-size', type=int, default=16, help='batch size for mAP evaluation')
     p.add_argument('--device', default='cpu', help='cpu | cuda | cuda:N (mAP evaluation)')
     p.add_argument('--latency-runs', type=int, default=5, help='timed CPU forward passes per model (0 = skip)')
-    p.add_argument('--out', help='output prefix (default weights/<cfg stem>-<strategy>[-s<N>]-<percent or '
-                                 't<threshold>>[-pow2 | -r<N>])')
+    p.add_argument('--out', help='output prefix (default weights/<cfg stem>-<strategy>[-s<N>]-<percent, '
+                                 't<threshold> or f<target>>[-<importance>][-pow2 | -r<N>])')
     return p
 
 
@@ -99,8 +105,12 @@ def _default_prefix(args, strategy, weights, percent):
     parts = [stem, strategy]
     if strategy == 'layer':
         parts.append('plan' if args.shortcuts is None else f"s{args.shortcuts}")
-    if percent is not None or args.threshold is not None:
+    if args.target_flops is not None:
+        parts.append(f"f{args.target_flops:g}")
+    elif percent is not None or args.threshold is not None:
         parts.append(f"{percent:g}" if percent is not None else f"t{args.threshold:g}")
+    if args.importance != 'gamma':
+        parts.append(args.importance + ('-greedy' if args.l1_greedy else ''))
     round_to = round_to_of(args, strategy)
     rounding = '' if round_to is None else '-pow2' if round_to == 'pow2' else f"-r{round_to}"
     return os.path.join('weights', '-'.join(parts) + rounding)
@@ -132,7 +142,7 @@ def resolve_inputs(args, strategy):
     if strategy == 'layer' and args.shortcuts is None and args.plan is None:
         raise DarkslimError("--shortcuts N is required (or --plan FILE to replay a layer prune)")
     percent = args.percent
-    if percent is None and args.threshold is None and args.plan is None:
+    if percent is None and args.threshold is None and args.target_flops is None and args.plan is None:
         percent = default_percent(strategy)
     prefix = args.out or _default_prefix(args, strategy, weights, percent)
     for ext in prune_utils.OUTPUT_EXTS:
@@ -169,7 +179,9 @@ def load_plan(path):
 def prune_options(args, strategy, inputs):
     calib_steps = tuple(s for s in args.calib_steps.split(',') if s)
     return pruning.PruneOptions(inputs.percent, args.threshold, args.min_keep, round_to_of(args, strategy),
-                                getattr(args, 'shortcuts', None), args.importance, calib_steps, load_plan(args.plan))
+                                getattr(args, 'shortcuts', None), args.importance, calib_steps, load_plan(args.plan),
+                                args.target_flops, args.l1_greedy, img_hw=(args.img_size,) * 2 if args.img_size
+                                else None)
 
 
 def img_hw(model, img_size):

@@ -47,6 +47,10 @@ class NothingToPrune(DarkslimError):
     """A cut that removes no channel (a layer prune may still remove blocks)."""
 
 
+class Emptied(DarkslimError):
+    """A cut that would remove every channel of a layer (without min_keep)."""
+
+
 # --- step 1: layer sets -----------------------------------------------------------------------------------------
 
 @dataclass
@@ -338,6 +342,10 @@ class Plan:
     removed_share: float = 0.0
     topped_up: list = field(default_factory=list)
     importance: str = 'gamma'
+    target_flops: float = None
+    greedy: bool = False
+    bflops: tuple = None          # (the model's, the compact model's) BFLOPs at the plan's input size
+    layer_bflops: dict = None     # prunable conv -> (BFLOPs before, after)
 
     def rows(self):
         """One PlanRow per prunable conv, in layer order."""
@@ -350,15 +358,24 @@ class Plan:
 
     def table(self):
         plan_rows = self.rows()
-        rows = [['layer', 'channels', 'kept', 'group']]
-        rows += [[r.layer, f"{r.before} -> {r.after}", f"{r.kept_share:.0%}", r.group] for r in plan_rows]
+        fl = self.layer_bflops or {}
+        rows = [['layer', 'channels', 'kept', 'group'] + (['BFLOPs'] if fl else [])]
+        rows += [[r.layer, f"{r.before} -> {r.after}", f"{r.kept_share:.0%}", r.group] +
+                 ([f"{fl[r.layer][0]:.3f} -> {fl[r.layer][1]:.3f}"] if fl else []) for r in plan_rows]
         before, after = sum(r.before for r in plan_rows), sum(r.after for r in plan_rows)
         label = get_importance(self.importance).label
-        return (AsciiTable(rows).table + f"\nthreshold score < {self.threshold:.6g} (importance {self.importance}: "
-                f"{label}): {before} -> {after} prunable channels ({self.removed_share:.1%} removed)")
+        text = (AsciiTable(rows).table + f"\nthreshold score < {self.threshold:.6g} (importance {self.importance}: "
+                f"{label}{', greedy' if self.greedy else ''}): {before} -> {after} prunable channels "
+                f"({self.removed_share:.1%} removed)")
+        if self.bflops:
+            b, a = self.bflops
+            goal = f" (target: at least {self.target_flops:.1%} fewer)" if self.target_flops else ''
+            text += f"\nBFLOPs {b:.3f} -> {a:.3f}: {1 - a / b:.1%} fewer{goal}"
+        return text
 
     def to_json(self):
         return {'strategy': self.strategy, 'mode': self.layer_set.mode, 'importance': self.importance,
+                'greedy': self.greedy, 'target_flops': self.target_flops, 'bflops': self.bflops,
                 'threshold': self.threshold, 'percent': self.percent, 'min_keep': self.min_keep,
                 'round_to': self.round_to, 'removed_share': self.removed_share, 'topped_up': self.topped_up,
                 'groups': self.layer_set.groups,
@@ -489,10 +506,10 @@ def _unit_keep(score, cut, slices, min_keep, round_to):
     return out.reshape(-1)
 
 
-def _check_plan_options(layer_set, percent, threshold, min_keep, round_to):
+def _check_plan_options(layer_set, percent, threshold, min_keep, round_to, target_flops=None):
     """One-line errors, naming the parameter, for options no plan can follow."""
-    if (percent is None) == (threshold is None):
-        raise DarkslimError("give exactly one of {percent} and {threshold}", param='percent')
+    if sum(v is not None for v in (percent, threshold, target_flops)) != 1:
+        raise DarkslimError("give exactly one of {percent}, {threshold} and {target_flops}", param='percent')
     if min_keep is not None and min_keep < 1:
         raise DarkslimError(f"{{min_keep}} {min_keep}; expected a positive channel count", param='min_keep')
     if round_to not in (None, 'pow2') and (not isinstance(round_to, int) or round_to < 1):
@@ -500,29 +517,64 @@ def _check_plan_options(layer_set, percent, threshold, min_keep, round_to):
                             param='round_to')
     if threshold is not None and threshold < 0:
         raise DarkslimError(f"{{threshold}} {threshold}; expected a score >= 0", param='threshold')
+    if target_flops is not None and not 0 < target_flops < 1:
+        raise DarkslimError(f"{{target_flops}} {target_flops}; expected the fraction of BFLOPs to remove, in (0, 1)",
+                            param='target_flops')
     if not layer_set.prunable:
         raise DarkslimError(_no_prunable_message(layer_set))
 
 
+def score_channels(model, layer_set, importance='gamma', images=None, normalize=None, keep=None):
+    """{prunable conv: float64 scores}: the importance's scores (importance.Importance.scores)."""
+    return get_importance(importance).scores(model, layer_set, images, keep=keep, normalize=normalize)
+
+
 def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep=None, round_to=None,
-              importance='gamma', images=None):
+              importance='gamma', images=None, target_flops=None, normalize=None, greedy=False, img_hw=None):
     """Keep masks for every prunable conv from a global threshold on the channels' scores.
 
     `importance` (a name in importance.IMPORTANCES, or an Importance) scores every prunable channel; `images`
-    are the calibration images of a criterion that measures activations. Exactly one of `percent` (share of
-    prunable channels to remove, global sort) and `threshold` (channels scoring below it go). A shortcut group
-    keeps the union of its members' masks (a channel goes only when every member would drop it: a unit's score
-    is its members' maximum). A unit the threshold would empty raises a one-line DarkslimError naming the
-    layers and the highest safe percent, unless `min_keep` K is given: then such a unit keeps its K
-    highest-score channels (units keeping at least one channel are left as cut). `round_to` ('pow2' or N)
-    rounds each unit's kept count up, filling with the highest-score channels (never past the layer's size).
-    A unit split by a `[route] groups` route keeps the same count in every slice (`_unit_keep`); min_keep and
-    round_to then apply per slice. A group member wider than its group (LayerSet.partial) shares the group's
-    mask over the group's width; its other channels are cut (and rounded) on their own and may all go.
+    are the calibration images of a criterion that measures activations; `normalize` overrides its per-layer
+    normalization; `greedy` (importances with `upstream`, e.g. l1): scores computed again without the input
+    channels a first plan removes upstream, and the plan made again from them. Exactly one of `percent`
+    (share of prunable channels to remove, global sort), `threshold` (channels scoring below it go) and
+    `target_flops` (the lowest-score channels go until the compact model's BFLOPs at `img_hw`, default the
+    model's input size, fall by at least that fraction; see `flops_threshold`). A shortcut group keeps the union
+    of its members' masks (a channel goes only when every member would drop it: a unit's score is its
+    members' maximum). A unit the threshold would empty raises a one-line DarkslimError naming the layers and
+    the highest safe percent, unless `min_keep` K is given: then such a unit keeps its K highest-score channels
+    (units keeping at least one channel are left as cut). `round_to` ('pow2' or N) rounds each unit's kept count
+    up, filling with the highest-score channels (never past the layer's size). A unit split by a `[route]
+    groups` route keeps the same count in every slice (`_unit_keep`); min_keep and round_to then apply per
+    slice. A group member wider than its group (LayerSet.partial) shares the group's mask over the group's
+    width; its other channels are cut (and rounded) on their own and may all go.
     """
-    _check_plan_options(layer_set, percent, threshold, min_keep, round_to)
+    _check_plan_options(layer_set, percent, threshold, min_keep, round_to, target_flops)
     imp = get_importance(importance)
-    scores = imp.scores(model, layer_set, images)
+    scores = score_channels(model, layer_set, imp, images, normalize)
+    if greedy and imp.upstream:
+        first = make_plan(model, layer_set, strategy, percent, threshold, min_keep, round_to, imp, images,
+                          target_flops, normalize, img_hw=img_hw)
+        scores = score_channels(model, layer_set, imp, images, normalize, keep=first.keep)
+    hw = tuple(img_hw or model.img_size)
+    if target_flops is not None:
+        threshold = flops_threshold(model, layer_set, scores, target_flops, min_keep, round_to, hw)
+    plan = plan_from_scores(layer_set, strategy, scores, percent, threshold, min_keep, round_to)
+    plan.importance, plan.target_flops, plan.greedy = imp.name, target_flops, bool(greedy and imp.upstream)
+    _count_bflops(plan, model, hw)
+    return plan
+
+
+def _count_bflops(plan, model, hw):
+    """plan.bflops (total before, after) and plan.layer_bflops ({prunable conv: (before, after)}) at hw."""
+    before = models.layer_table(model.defs, *hw)
+    after = models.layer_table(compact_defs(model, plan), *hw)
+    plan.bflops = (sum(r.bflops for r in before), sum(r.bflops for r in after))
+    plan.layer_bflops = {i: (before[i].bflops, after[i].bflops) for i in plan.keep}
+
+
+def plan_from_scores(layer_set, strategy, scores, percent=None, threshold=None, min_keep=None, round_to=None):
+    """The Plan cutting `scores` ({prunable conv: scores}) at `threshold` (or the `percent` lowest)."""
     flat = np.concatenate([scores[i] for i in layer_set.prunable])
     if threshold is None:
         threshold = threshold_for_percent(flat, percent)
@@ -532,16 +584,62 @@ def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep
     empty = [(u.layers, s) for u, s, k in zip(units, unit_score, keeps) if not k.any() and not u.tail]
     if empty and min_keep is None:
         whole = [s for u, s in zip(units, unit_score) if not u.tail]
-        raise DarkslimError(_emptied_message(empty, whole, flat, percent, threshold), param='percent')
+        raise Emptied(_emptied_message(empty, whole, flat, percent, threshold), param='percent')
     keep, topped = _keep_masks(layer_set, units, unit_score, keeps, min_keep, round_to)
     removed = sum(int((~keep[i]).sum()) for i in layer_set.prunable)
     if removed == 0:
         asked = f"{{percent}} {percent}" if percent is not None else f"{{threshold}} {threshold:g}"
         raise NothingToPrune(f"nothing to prune: {asked} removes no channel of the {len(flat)} prunable ones "
-                            f"(lowest score {flat.min():.4g}{', after rounding' if round_to else ''}); expected a "
-                            "larger {percent} or {threshold}", param='percent' if percent is not None else 'threshold')
+                             f"(lowest score {flat.min():.4g}{', after rounding' if round_to else ''}); expected a "
+                             "larger {percent} or {threshold}", param='percent' if percent is not None else 'threshold')
     return Plan(strategy, layer_set, keep, float(threshold), percent, min_keep, round_to,
-                removed / len(flat), sorted(topped), imp.name)
+                removed / len(flat), sorted(topped))
+
+
+def compact_bflops(model, keep, hw):
+    """BFLOPs (as darknet counts them) of the network whose prunable convs keep `keep`, at hw = (h, w)."""
+    defs = copy.deepcopy(model.defs)
+    for i, k in keep.items():
+        defs[i + 1]['filters'] = int(np.sum(k))
+    return models.model_info(defs, *hw)[1]
+
+
+def flops_threshold(model, layer_set, scores, target, min_keep, round_to, hw):
+    """The score threshold removing the fewest lowest-score channels whose compact model has at most (1 - target)
+    of the model's BFLOPs: a bisection over k, the number of lowest scores cut (ties go together). A cut that
+    would empty a unit (without min_keep) is out of reach; a target beyond the reachable cut is refused."""
+    flat = np.sort(np.concatenate([scores[i] for i in layer_set.prunable]))
+    limit = (1 - target) * models.model_info(model.defs, *hw)[1]
+
+    def cut(k):                                     # threshold between the k-th lowest score and the next higher
+        above = flat[flat > flat[k - 1]]
+        return float((flat[k - 1] + above[0]) / 2) if above.size else float(np.nextafter(flat[k - 1], np.inf))
+
+    def bflops(k):                                  # None: the cut empties a unit
+        try:
+            plan = plan_from_scores(layer_set, 'flops', scores, None, cut(k), min_keep, round_to)
+        except Emptied:
+            return None
+        except NothingToPrune:
+            return float('inf')
+        return compact_bflops(model, plan.keep, hw)
+
+    lo, hi = 1, len(flat)                           # the largest reachable k: cuts up to it empty no unit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if bflops(mid) is not None else (lo, mid - 1)
+    reach = bflops(lo)
+    if reach is None or reach > limit:
+        best = 'none' if reach in (None, float('inf')) else f"{1 - reach * (1 - target) / limit:.3f}"
+        raise DarkslimError(f"{{target_flops}} {target}: the layer set can remove at most {best} of the BFLOPs "
+                            "without emptying a layer; expected a smaller {target_flops}, or {min_keep} K",
+                            param='target_flops')
+    lo, hi = 1, lo                                  # the fewest channels that reach the target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        b = bflops(mid)
+        lo, hi = (lo, mid) if b is not None and b <= limit else (mid + 1, hi)
+    return cut(lo)
 
 
 def _keep_masks(layer_set, units, unit_score, keeps, min_keep, round_to):

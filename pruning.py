@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import calibrate
 import channels
+import models
 import prune_layers
 import prune_utils
 from utils.errors import DarkslimError
@@ -28,8 +29,10 @@ STRATEGIES = tuple(MODE_OF)
 
 @dataclass
 class PruneOptions:
-    """What to remove. Channels: exactly one of `percent` and `threshold` (none for a block-only layer prune),
-    `min_keep`, `round_to` ('pow2' or N), `importance` (importance.IMPORTANCES). Blocks: `n_blocks`.
+    """What to remove. Channels: exactly one of `percent`, `threshold` and `target_flops` (the fraction of the
+    model's BFLOPs at `img_hw` to remove; none for a block-only layer prune), `min_keep`, `round_to` ('pow2' or
+    N), `importance` (importance.IMPORTANCES), `greedy` (l1: norms without inputs removed upstream). Blocks:
+    `n_blocks`.
     `calib_steps`: the calibration steps run when images are given. `plan`: a stored plan (Plan.to_json or
     LayerPlan.to_json) to replay instead of choosing channels and blocks (the other choices are then unused)."""
     percent: float = None
@@ -40,9 +43,12 @@ class PruneOptions:
     importance: str = 'gamma'
     calib_steps: tuple = calibrate.DEFAULT_STEPS
     plan: dict = None
+    target_flops: float = None
+    greedy: bool = False
+    img_hw: tuple = None
 
     def channels_asked(self):
-        return self.percent is not None or self.threshold is not None
+        return self.percent is not None or self.threshold is not None or self.target_flops is not None
 
 
 @dataclass
@@ -72,14 +78,15 @@ def prune(model, strategy, options, images=None):
     return PruneResult(strategy, plan, layer_set, nets, calibration)
 
 
-def _channel_plan(model, layer_set, strategy, options, images, stored):
+def _channel_plan(model, layer_set, strategy, options, images, stored, target_flops=None):
     if stored is not None:
         if stored.get('strategy') != strategy:
             raise DarkslimError(f"{{plan}}: a {stored.get('strategy')} plan; expected one made by a {strategy} "
                                 "prune", param='plan')
         return prune_utils.plan_from_json(stored, layer_set)
     return prune_utils.make_plan(model, layer_set, strategy, options.percent, options.threshold, options.min_keep,
-                                 options.round_to, options.importance, images)
+                                 options.round_to, options.importance, images, target_flops or options.target_flops,
+                                 greedy=options.greedy, img_hw=options.img_hw)
 
 
 def _channel_surgery(model, plan, images, steps):
@@ -134,10 +141,25 @@ def _prune_layers(model, options, images):
     return result
 
 
+def _stage_target(model, stage, options):
+    """The channel step's share of the stage's BFLOPs that makes the whole prune remove `target_flops` of the
+    original's; None when the blocks alone reach it (or no target was given)."""
+    if options.target_flops is None:
+        return None
+    hw = tuple(options.img_hw or model.img_size)
+    want = (1 - options.target_flops) * models.model_info(model.defs, *hw)[1]
+    have = models.model_info(stage.defs, *hw)[1]
+    return 1 - want / have if want < have else None
+
+
 def _plan_channels(stage, plan, result, options, images, stored):
     """Set plan.channel_plan; False (with a warning) when the channel step would remove nothing but blocks go."""
     try:
-        plan.channel_plan = _channel_plan(stage, result.layer_set, prune_layers.SPARSE_MODE, options, images, stored)
+        target = _stage_target(result.nets['original'], stage, options)
+        if options.target_flops is not None and target is None:
+            raise prune_utils.NothingToPrune(f"the blocks alone remove {options.target_flops} of the BFLOPs")
+        plan.channel_plan = _channel_plan(stage, result.layer_set, prune_layers.SPARSE_MODE, options, images, stored,
+                                          target)
     except prune_utils.NothingToPrune as e:
         if not plan.removed:
             raise

@@ -28,7 +28,7 @@ from utils.torch_utils import de_parallel
 
 SMALL_GAMMA = 0.01  # |gamma| below this counts as "near zero" in sparsity_stats
 PERCENTILES = (1, 10, 50, 90, 99)
-LOCAL_DECAY = 0.01  # rate factor of the channels local s decay spares (the seed project's s - 0.99 s)
+LOCAL_DECAY = 0.01  # rate factor of the channels local s decay spares (tanluren's s - 0.99 s)
 
 
 def bn_modules(model, layers):

@@ -1,0 +1,137 @@
+"""Post-training slimming of a real detector: channels chosen by an importance, pruned to a FLOPs target,
+repaired by calibration (and distillation), without labels and without sparse training.
+
+    python -m bench.slim_bench --part select [--targets 0.2 0.35 0.5] [--importances gamma l1 act fold]
+    python -m bench.slim_bench --part report [--calib 128 64 32]
+
+Needs ../shared/models/yolov3-tiny-coco and ../shared/datasets/coco128 (skips with a message otherwise); 416.
+
+select: hyperparameters chosen on coco128 TRAIN only: a seeded 96 images calibrate, the other 32 (held apart)
+        are evaluated with their labels. Rows: target x importance x normalization x calibration steps.
+report: each configuration calibrated on coco128 train (--calib N images) and evaluated ONCE on coco128 val
+        (128 distinct images): mAP@0.5 and @0.5:0.95 per stage, BFLOPs, params, seconds per stage.
+Writes bench/results/slim.json (each part under its key; a part not run keeps its earlier result).
+"""
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+import calibrate
+import prune_utils
+import pruning
+from bench.common import REPO, RESULTS, load_average, print_table, write_result
+from models import load_model, model_info
+from utils.datasets import list_images
+from utils.errors import cli_main
+from utils.evaluate import evaluate
+
+SHARED = os.path.join(os.path.dirname(REPO), 'shared')
+MODEL_DIR = os.path.join(SHARED, 'models', 'yolov3-tiny-coco')
+COCO128 = os.path.join(SHARED, 'datasets', 'coco128')
+SIZE = 416
+STAGES = {'beta': (), 'mean': ('mean',), 'mean+bn': ('mean', 'bn'), 'mean+refit+bn': ('mean', 'refit', 'bn')}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--part', default='select', choices=('select', 'report'))
+    p.add_argument('--targets', type=float, nargs='+', default=[0.2, 0.35, 0.5])
+    p.add_argument('--importances', nargs='+', default=['gamma', 'l1', 'act', 'fold'])
+    p.add_argument('--normalize', nargs='+', default=['default'], help="'default' (the importance's), none, mean, max")
+    p.add_argument('--stages', nargs='+', default=['mean+bn'], choices=list(STAGES))
+    p.add_argument('--calib', type=int, nargs='+', default=[128], help='report: calibration images (train)')
+    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--key', help='store under this key of slim.json (default: the part)')
+    return p
+
+
+def write_data(folder, train, valid):
+    """A .data file over two image lists (paths written to list files)."""
+    os.makedirs(folder, exist_ok=True)
+    for name, files in (('train', train), ('valid', valid)):
+        with open(os.path.join(folder, f'{name}.txt'), 'w') as f:
+            f.write('\n'.join(files) + '\n')
+    path = os.path.join(folder, 'coco.data')
+    with open(path, 'w') as f:
+        f.write(f"classes=80\ntrain={folder}/train.txt\nvalid={folder}/valid.txt\nnames={MODEL_DIR}/coco.names\n")
+    return path
+
+
+def splits(folder):
+    """{'select': .data (train: 96 of coco128 train, valid: the other 32), 'report': .data (train, val)}."""
+    train = list_images(os.path.join(COCO128, 'images', 'train2017'))
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(train), generator=g).tolist()
+    calib, held = sorted(train[j] for j in order[:96]), sorted(train[j] for j in order[96:])
+    val = list_images(os.path.join(COCO128, 'images', 'val2017'))
+    return {'select': write_data(os.path.join(folder, 'select'), calib, held),
+            'report': write_data(os.path.join(folder, 'report'), train, val)}
+
+
+def one(model, data, target, imp, normalize, steps, n_calib):
+    """One configuration: plan, surgery, calibration; mAP of the result on the .data's valid images."""
+    t0 = time.perf_counter()
+    images = calibrate.calibration_images(data, n_calib, SIZE, verbose=False)
+    t_img = time.perf_counter() - t0
+    norm = None if normalize == 'default' else normalize
+    t0 = time.perf_counter()
+    layer_set = prune_utils.get_layer_set(model.module_defs, 'tiny', model.in_channels)
+    plan = prune_utils.make_plan(model, layer_set, 'tiny', target_flops=target, min_keep=8, importance=imp,
+                                 images=images, normalize=norm, img_hw=(SIZE, SIZE))
+    t_plan = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    nets, calib = pruning._channel_surgery(model, plan, images if steps else None, steps)
+    t_surgery = time.perf_counter() - t0
+    r = evaluate(nets['compact'], data, img_size=SIZE, batch_size=8, verbose=False)
+    params, bflops = model_info(nets['compact'].defs, SIZE, SIZE)
+    return {'target': target, 'importance': imp, 'normalize': normalize, 'steps': '+'.join(steps) or 'beta',
+            'calib': n_calib, 'params': params, 'bflops': round(bflops, 3), 'mAP50': round(r['mAP50'], 4),
+            'mAP50_95': round(r['mAP50_95'], 4), 'seconds': {'images': round(t_img, 1), 'plan': round(t_plan, 1),
+                                                            'surgery': round(t_surgery, 1)}}
+
+
+def main(args):
+    if not (os.path.isdir(MODEL_DIR) and os.path.isdir(COCO128)):
+        print(f"skipped: needs {MODEL_DIR} and {COCO128}")
+        return None
+    torch.set_num_threads(args.threads)
+    load = load_average()
+    model = load_model(os.path.join(MODEL_DIR, 'yolov3-tiny.cfg'), os.path.join(MODEL_DIR, 'yolov3-tiny.weights'),
+                       img_size=SIZE).eval()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = splits(tmp)[args.part]
+        base = evaluate(model, data, img_size=SIZE, batch_size=8, verbose=False)
+        print(f"original: mAP@0.5 {base['mAP50']:.4f} on {args.part} split ({base['images']} images)")
+        n_calibs = [96] if args.part == 'select' else args.calib
+        for n in n_calibs:
+            for target in args.targets:
+                for imp in args.importances:
+                    for norm in args.normalize:
+                        for stage in args.stages:
+                            rows.append(one(model, data, target, imp, norm, STAGES[stage], n))
+                            r = rows[-1]
+                            print(f"{r['target']} {r['importance']} {r['normalize']} {r['steps']} {r['calib']}: "
+                                  f"mAP50 {r['mAP50']} bflops {r['bflops']} {r['seconds']}", flush=True)
+    table = [['target', 'importance', 'normalize', 'steps', 'calib', 'BFLOPs', 'mAP@0.5', 'mAP@0.5:0.95']]
+    table += [[r['target'], r['importance'], r['normalize'], r['steps'], r['calib'], r['bflops'], r['mAP50'],
+               r['mAP50_95']] for r in rows]
+    print_table(table, title=f" slim {args.part} ")
+    key = args.key or args.part
+    path = os.path.join(RESULTS, 'slim.json')
+    old = json.load(open(path)) if os.path.isfile(path) else {}
+    parts = {k: v for k, v in old.items() if isinstance(v, dict) and 'rows' in v}
+    parts[key] = {'original': {'mAP50': round(base['mAP50'], 4), 'mAP50_95': round(base['mAP50_95'], 4),
+                               'bflops': round(model_info(model.defs, SIZE, SIZE)[1], 3)},
+                  'split': 'coco128 train: 96 calibrate, 32 held-out evaluate' if args.part == 'select'
+                  else 'calibrate on coco128 train, evaluate on coco128 val', 'rows': rows}
+    write_result('slim', {'threads': args.threads, 'img_size': SIZE, **parts}, load)
+    return rows
+
+
+if __name__ == '__main__':
+    cli_main(main, get_args_parser().parse_args())
