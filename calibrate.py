@@ -574,20 +574,22 @@ def recalibrate_bn(model, images, batch=8, layers=None):
 
 @dataclass
 class CalibrationReport:
-    """What calibrated_compact did: steps run, images used, seconds per step, the refit's rows."""
+    """What calibrated_compact did: steps run, images used, seconds per step, the refit's rows, and (with
+    keep_stages) the model after each step but the last: {step: model}."""
     steps: tuple
     images: int
     seconds: dict = field(default_factory=dict)
     refit: list = field(default_factory=list)
+    stages: dict = field(default_factory=dict)
 
 
 def calibrated_compact(model, plan, images, steps=DEFAULT_STEPS, batch=8, refit=None, bn_layers='affected',
-                       verbose=True):
+                       verbose=True, keep_stages=False):
     """(compact model, CalibrationReport): prune_utils' compact model of `plan` with the chosen calibration
     `steps` (any of 'mean', 'refit', 'bn', run in that order; () = the plain beta fold) on `images`
     [N, 3, S, S] (or a list of batches), on `model`'s device.  `refit`: RefitOptions.  bn_layers: 'affected'
     (the BNs of affected_layers; the others keep the statistics they were trained with) or 'all'.  `model`
-    is unchanged."""
+    is unchanged. `keep_stages`: a copy of the model after each step but the last in `report.stages`."""
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
         raise DarkslimError(f"{{calib_steps}} {list(steps)}: unknown {unknown}; expected any of {list(STEPS)}",
@@ -601,10 +603,17 @@ def calibrated_compact(model, plan, images, steps=DEFAULT_STEPS, batch=8, refit=
     cpu = model if dev.type == 'cpu' else copy.deepcopy(model).cpu()      # the surgery runs on the CPU
     compact = compact_model(cpu, plan, loose_model(cpu, plan, constants)).to(dev)
     report.seconds['mean' if 'mean' in steps else 'fold'] = time.perf_counter() - t0
+
+    def snapshot(step):
+        if keep_stages and step != report.steps[-1]:
+            report.stages[step] = copy.deepcopy(compact)
+    if 'mean' in steps:
+        snapshot('mean')
     if 'refit' in steps:
         t0 = time.perf_counter()
         report.refit = refit_consumers(model, compact, plan, images, refit or RefitOptions(batch=batch), verbose)
         report.seconds['refit'] = time.perf_counter() - t0
+        snapshot('refit')
     if 'bn' in steps:
         t0 = time.perf_counter()
         recalibrate_bn(compact, images, batch, affected_layers(model, plan) if bn_layers == 'affected' else None)

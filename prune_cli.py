@@ -25,9 +25,12 @@ from utils.torch_utils import select_device
 
 DEFAULT_WEIGHTS = os.path.join('weights', 'last.pt')   # train.py's default output
 DEFAULT_CALIB_STEPS = calibrate.DEFAULT_STEPS   # measured best on the real yolov3-tiny (bench/real_bench.py A)
+DISTILL = {'loss': 'head', 'lr': 1e-4, 'batch': 8, 'bn': 'frozen'}     # distillation defaults (bench/slim_bench.py)
 FLAGS = {'percent': '--percent', 'threshold': '--threshold', 'min_keep': '--min-keep', 'round_to': '--round-to',
          'n_blocks': '--shortcuts', 'calib': '--calib', 'calib_steps': '--calib-steps', 'importance': '--importance',
-         'plan': '--plan', 'strategy': 'the script', 'target_flops': '--target-flops', 'greedy': '--l1-greedy'}
+         'plan': '--plan', 'strategy': 'the script', 'target_flops': '--target-flops', 'greedy': '--l1-greedy',
+         'distill_iters': '--distill', 'steps': '--steps', 'iters': '--distill', 'loss': '--distill-loss',
+         'lr': '--distill-lr', 'batch': '--distill-batch', 'bn': '--distill-bn'}
 MODEL_PARAMS = {'n_blocks', 'plan'}    # errors about what the model holds: the message names the model file
 
 
@@ -70,6 +73,19 @@ def add_prune_args(p, strategy):
     p.add_argument('--calib-steps', default=','.join(DEFAULT_CALIB_STEPS),
                    help='with --calib: any of mean (measured means instead of act(beta)), refit (least-squares '
                         'refit of the convs that lost inputs), bn (BatchNorm statistics re-estimated)')
+    p.add_argument('--distill', type=int, default=0, metavar='ITERS',
+                   help='with --calib: then train the pruned model for ITERS steps to reproduce the original\'s '
+                        'outputs on the calibration images, augmented; no labels are read (distill.py)')
+    p.add_argument('--distill-loss', default=DISTILL['loss'], choices=('head', 'feature', 'head+feature'),
+                   help='head: MSE on the raw head outputs weighted by the teacher\'s objectness; feature: MSE on '
+                        'the kept channels entering the head convs')
+    p.add_argument('--distill-lr', type=float, default=DISTILL['lr'], help='distillation learning rate (Adam)')
+    p.add_argument('--distill-batch', type=int, default=DISTILL['batch'], help='distillation batch size')
+    p.add_argument('--distill-bn', default=DISTILL['bn'], choices=('frozen', 'train'),
+                   help='BatchNorm statistics during distillation: kept (frozen) or updated (train)')
+    p.add_argument('--steps', type=int, default=1, metavar='K',
+                   help='with --target-flops: reach it in K equal steps, each prune -> calibrate -> distill '
+                        '(ITERS/K each)')
     p.add_argument('--batch-size', type=int, default=16, help='batch size for mAP evaluation')
     p.add_argument('--device', default='cpu', help='cpu | cuda | cuda:N (mAP evaluation)')
     p.add_argument('--latency-runs', type=int, default=5, help='timed CPU forward passes per model (0 = skip)')
@@ -181,7 +197,10 @@ def prune_options(args, strategy, inputs):
     return pruning.PruneOptions(inputs.percent, args.threshold, args.min_keep, round_to_of(args, strategy),
                                 getattr(args, 'shortcuts', None), args.importance, calib_steps, load_plan(args.plan),
                                 args.target_flops, args.l1_greedy, img_hw=(args.img_size,) * 2 if args.img_size
-                                else None)
+                                else None, distill_iters=args.distill, steps=args.steps,
+                                distill={'loss': args.distill_loss, 'lr': args.distill_lr, 'batch': args.distill_batch,
+                                         'bn': args.distill_bn, 'device': select_device(args.device),
+                                         'img_size': args.img_size})
 
 
 def img_hw(model, img_size):
@@ -232,6 +251,29 @@ def evaluate_and_report(args, strategy, nets, inputs, prune_s):
         print('mAP skipped: no --data given')
     return {'strategy': strategy, 'cfg': inputs.cfg, 'weights': inputs.weights, 'img_size': list(hw),
             'before': before, 'after': after, 'map': maps, 'prune_seconds': prune_s}
+
+
+def stage_report(args, result, maps):
+    """Per stage that ran (beta fold, each calibration step, distillation): seconds and, with --data, mAP; the
+    last stage is the written model. Printed as a table; returns the JSON rows."""
+    if not result.stages:
+        return None
+    seconds = (result.calibration or {}).get('seconds', {})
+    names = list(result.stages) + [result.final_stage]
+    rows = []
+    for name in names:
+        row = {'stage': name, 'seconds': seconds.get('fold' if name == 'beta_fold' else name)}
+        if maps:
+            net_map = maps['beta_fold'] if name == 'beta_fold' else maps['compact'] if name == names[-1] else \
+                evaluate_map(result.stages[name], args.data, args.img_size or max(img_hw(result.nets['original'], None)),
+                             args.batch_size, args.device)
+            row.update(net_map)
+        rows.append(row)
+    table = [['stage', 'seconds', 'mAP@0.5', 'mAP@0.5:0.95']]
+    table += [[r['stage'], '' if r['seconds'] is None else f"{r['seconds']:.1f}", f"{r.get('mAP50', float('nan')):.4f}",
+               f"{r.get('mAP50_95', float('nan')):.4f}"] for r in rows]
+    print(AsciiTable(table, ' stages ').table)
+    return rows
 
 
 def sparsity_check(weights, strategy):
@@ -286,8 +328,9 @@ def run(args, strategy):
     options = prune_options(args, strategy, inputs)
     images = calibrate.calibration_images(args.data, args.calib, args.img_size or max(model.img_size),
                                           verbose=False) if args.calib else None
+    files = calibrate.calibration_files(args.data, args.calib) if args.calib and args.distill else None
     try:
-        result = pruning.prune(model, strategy, options, images)
+        result = pruning.prune(model, strategy, options, images, files)
     except DarkslimError as e:
         raise cli_error(e, inputs.cfg or inputs.weights) from None
     sparsity = sparsity_check(inputs.weights, strategy)
@@ -295,6 +338,8 @@ def run(args, strategy):
     report = evaluate_and_report(args, strategy, result.nets, inputs, time.perf_counter() - t0)
     report['sparsity_training'] = sparsity
     report['calibration'] = result.calibration
+    report['stages'] = stage_report(args, result, report['map'])
+    report['importance'] = options.importance
     report['warnings'] = result.warnings
     paths = prune_utils.write_outputs(inputs.prefix, result.nets['compact'], result.plan, report)
     print('wrote ' + ', '.join(paths.values()))

@@ -346,6 +346,7 @@ class Plan:
     greedy: bool = False
     bflops: tuple = None          # (the model's, the compact model's) BFLOPs at the plan's input size
     layer_bflops: dict = None     # prunable conv -> (BFLOPs before, after)
+    steps: list = None            # a K-step prune: each step's plan (to_json), over the previous step's model
 
     def rows(self):
         """One PlanRow per prunable conv, in layer order."""
@@ -375,7 +376,7 @@ class Plan:
 
     def to_json(self):
         return {'strategy': self.strategy, 'mode': self.layer_set.mode, 'importance': self.importance,
-                'greedy': self.greedy, 'target_flops': self.target_flops, 'bflops': self.bflops,
+                'greedy': self.greedy, 'target_flops': self.target_flops, 'bflops': self.bflops, 'steps': self.steps,
                 'threshold': self.threshold, 'percent': self.percent, 'min_keep': self.min_keep,
                 'round_to': self.round_to, 'removed_share': self.removed_share, 'topped_up': self.topped_up,
                 'groups': self.layer_set.groups,
@@ -561,11 +562,11 @@ def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep
         threshold = flops_threshold(model, layer_set, scores, target_flops, min_keep, round_to, hw)
     plan = plan_from_scores(layer_set, strategy, scores, percent, threshold, min_keep, round_to)
     plan.importance, plan.target_flops, plan.greedy = imp.name, target_flops, bool(greedy and imp.upstream)
-    _count_bflops(plan, model, hw)
+    count_bflops(plan, model, hw)
     return plan
 
 
-def _count_bflops(plan, model, hw):
+def count_bflops(plan, model, hw):
     """plan.bflops (total before, after) and plan.layer_bflops ({prunable conv: (before, after)}) at hw."""
     before = models.layer_table(model.defs, *hw)
     after = models.layer_table(compact_defs(model, plan), *hw)

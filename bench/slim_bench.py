@@ -21,7 +21,6 @@ import time
 import torch
 
 import calibrate
-import prune_utils
 import pruning
 from bench.common import REPO, RESULTS, load_average, print_table, write_result
 from models import load_model, model_info
@@ -44,6 +43,12 @@ def get_args_parser():
     p.add_argument('--normalize', nargs='+', default=['default'], help="'default' (the importance's), none, mean, max")
     p.add_argument('--stages', nargs='+', default=['mean+bn'], choices=list(STAGES))
     p.add_argument('--calib', type=int, nargs='+', default=[128], help='report: calibration images (train)')
+    p.add_argument('--distill', type=int, nargs='+', default=[0], help='distillation iterations after calibration')
+    p.add_argument('--distill-loss', nargs='+', default=['head'], help='head, feature, head+feature')
+    p.add_argument('--distill-lr', type=float, nargs='+', default=[1e-4])
+    p.add_argument('--distill-bn', nargs='+', default=['frozen'], help='frozen, train')
+    p.add_argument('--distill-batch', type=int, default=8)
+    p.add_argument('--steps', type=int, nargs='+', default=[1], help='iterative steps (pruning.prune steps)')
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--key', help='store under this key of slim.json (default: the part)')
     return p
@@ -72,26 +77,53 @@ def splits(folder):
             'report': write_data(os.path.join(folder, 'report'), train, val)}
 
 
-def one(model, data, target, imp, normalize, steps, n_calib):
-    """One configuration: plan, surgery, calibration; mAP of the result on the .data's valid images."""
+def one(model, data, cfg):
+    """One configuration (a dict: target, importance, normalize, steps, calib, distill, loss, lr, bn, batch, k):
+    plan, surgery, calibration, distillation through pruning.prune; mAP of the stages on the .data's valid."""
     t0 = time.perf_counter()
-    images = calibrate.calibration_images(data, n_calib, SIZE, verbose=False)
+    images = calibrate.calibration_images(data, cfg['calib'], SIZE, verbose=False)
+    files = calibrate.calibration_files(data, cfg['calib'])
     t_img = time.perf_counter() - t0
-    norm = None if normalize == 'default' else normalize
+    opts = pruning.PruneOptions(target_flops=cfg['target'], min_keep=8, importance=cfg['importance'],
+                                calib_steps=STAGES[cfg['stage']], img_hw=(SIZE, SIZE), steps=cfg['k'],
+                                distill_iters=cfg['distill'], distill={'loss': cfg['loss'], 'lr': cfg['lr'],
+                                                                        'bn': cfg['bn'], 'batch': cfg['batch']})
+    if cfg['normalize'] != 'default':
+        from importance import IMPORTANCES
+        import dataclasses
+        opts.importance = dataclasses.replace(IMPORTANCES[cfg['importance']], normalize=cfg['normalize'])
     t0 = time.perf_counter()
-    layer_set = prune_utils.get_layer_set(model.module_defs, 'tiny', model.in_channels)
-    plan = prune_utils.make_plan(model, layer_set, 'tiny', target_flops=target, min_keep=8, importance=imp,
-                                 images=images, normalize=norm, img_hw=(SIZE, SIZE))
-    t_plan = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    nets, calib = pruning._channel_surgery(model, plan, images if steps else None, steps)
-    t_surgery = time.perf_counter() - t0
-    r = evaluate(nets['compact'], data, img_size=SIZE, batch_size=8, verbose=False)
-    params, bflops = model_info(nets['compact'].defs, SIZE, SIZE)
-    return {'target': target, 'importance': imp, 'normalize': normalize, 'steps': '+'.join(steps) or 'beta',
-            'calib': n_calib, 'params': params, 'bflops': round(bflops, 3), 'mAP50': round(r['mAP50'], 4),
-            'mAP50_95': round(r['mAP50_95'], 4), 'seconds': {'images': round(t_img, 1), 'plan': round(t_plan, 1),
-                                                            'surgery': round(t_surgery, 1)}}
+    result = pruning.prune(model, 'tiny', opts, images, files)
+    total = time.perf_counter() - t0
+    maps = {}
+    for name, net in list(result.stages.items()) + [(result.final_stage, result.nets['compact'])]:
+        if name in ('beta_fold',) or (name == 'mean' and cfg['stage'] != 'mean') or name == 'refit':
+            continue                                    # only the stages compared (calibrated, distilled)
+        r = evaluate(net, data, img_size=SIZE, batch_size=8, verbose=False)
+        maps[name] = {'mAP50': round(r['mAP50'], 4), 'mAP50_95': round(r['mAP50_95'], 4)}
+    params, bflops = model_info(result.nets['compact'].defs, SIZE, SIZE)
+    seconds = {'images': round(t_img, 1), 'prune_total': round(total, 1),
+               **(result.calibration or {}).get('seconds', {})}
+    final = maps[result.final_stage]
+    return {**cfg, 'params': params, 'bflops': round(bflops, 3), 'mAP50': final['mAP50'],
+            'mAP50_95': final['mAP50_95'], 'stages': maps, 'seconds': seconds}
+
+
+def configs(args):
+    n_calibs = [96] if args.part == 'select' else args.calib
+    for n in n_calibs:
+        for target in args.targets:
+            for imp in args.importances:
+                for norm in args.normalize:
+                    for stage in args.stages:
+                        for iters in args.distill:
+                            for loss in args.distill_loss:
+                                for lr in args.distill_lr:
+                                    for bn in args.distill_bn:
+                                        for k in args.steps:
+                                            yield {'target': target, 'importance': imp, 'normalize': norm,
+                                                   'stage': stage, 'calib': n, 'distill': iters, 'loss': loss,
+                                                   'lr': lr, 'bn': bn, 'batch': args.distill_batch, 'k': k}
 
 
 def main(args):
@@ -107,28 +139,22 @@ def main(args):
         data = splits(tmp)[args.part]
         base = evaluate(model, data, img_size=SIZE, batch_size=8, verbose=False)
         print(f"original: mAP@0.5 {base['mAP50']:.4f} on {args.part} split ({base['images']} images)")
-        n_calibs = [96] if args.part == 'select' else args.calib
-        for n in n_calibs:
-            for target in args.targets:
-                for imp in args.importances:
-                    for norm in args.normalize:
-                        for stage in args.stages:
-                            rows.append(one(model, data, target, imp, norm, STAGES[stage], n))
-                            r = rows[-1]
-                            print(f"{r['target']} {r['importance']} {r['normalize']} {r['steps']} {r['calib']}: "
-                                  f"mAP50 {r['mAP50']} bflops {r['bflops']} {r['seconds']}", flush=True)
-    table = [['target', 'importance', 'normalize', 'steps', 'calib', 'BFLOPs', 'mAP@0.5', 'mAP@0.5:0.95']]
-    table += [[r['target'], r['importance'], r['normalize'], r['steps'], r['calib'], r['bflops'], r['mAP50'],
-               r['mAP50_95']] for r in rows]
+        for cfg in configs(args):
+            rows.append(one(model, data, cfg))
+            print(json.dumps(rows[-1]), flush=True)
+    cols = ['target', 'importance', 'normalize', 'stage', 'calib', 'distill', 'loss', 'lr', 'bn', 'k', 'bflops',
+            'mAP50', 'mAP50_95']
+    table = [cols] + [[r[c] for c in cols] for r in rows]
     print_table(table, title=f" slim {args.part} ")
     key = args.key or args.part
     path = os.path.join(RESULTS, 'slim.json')
     old = json.load(open(path)) if os.path.isfile(path) else {}
     parts = {k: v for k, v in old.items() if isinstance(v, dict) and 'rows' in v}
+    parts[key] = {**parts.get(key, {}), 'rows': parts.get(key, {}).get('rows', []) + rows}
     parts[key] = {'original': {'mAP50': round(base['mAP50'], 4), 'mAP50_95': round(base['mAP50_95'], 4),
                                'bflops': round(model_info(model.defs, SIZE, SIZE)[1], 3)},
                   'split': 'coco128 train: 96 calibrate, 32 held-out evaluate' if args.part == 'select'
-                  else 'calibrate on coco128 train, evaluate on coco128 val', 'rows': rows}
+                  else 'calibrate on coco128 train, evaluate on coco128 val', 'rows': parts[key]['rows']}
     write_result('slim', {'threads': args.threads, 'img_size': SIZE, **parts}, load)
     return rows
 

@@ -244,3 +244,45 @@ def test_layer_prune_has_every_option_of_the_channel_scripts():
         return {o for a in parser._actions for o in a.option_strings}
     assert flags(shortcut_prune.get_args_parser()) | {'--shortcuts', '--round-to'} == \
         flags(layer_prune.get_args_parser())
+
+
+# --- recovery: stages, distillation, iterative steps -------------------------------------------------------------
+
+def test_the_report_has_a_row_per_stage_ending_with_distillation(v3_files, tmp_path):
+    cfg, weights, data, model = v3_files
+    run_script(shortcut_prune, '--cfg', cfg, '--weights', weights, '--data', data, '--target-flops', '0.3',
+               '--min-keep', '2', '--calib', '4', '--calib-steps', 'mean,bn', '--distill', '4', '--distill-batch', '2',
+               '--img-size', '64', '--latency-runs', '0', '--out', tmp_path / 'p')
+    report = json.loads((tmp_path / 'p.json').read_text())
+    assert [r['stage'] for r in report['stages']] == ['beta_fold', 'mean', 'bn', 'distill']
+    assert all(r['seconds'] is not None and 'mAP50' in r for r in report['stages'])
+    assert report['stages'][-1]['mAP50'] == report['map']['compact']['mAP50']       # the last stage is written
+    assert report['calibration']['distill']['iters'] == 4 and report['importance'] == 'gamma'
+    assert report['after']['bflops'] <= 0.7 * report['before']['bflops']
+
+
+def test_iterative_steps_reach_the_target_and_store_each_steps_plan(v3_files):
+    cfg, weights, data, model = v3_files
+    import calibrate
+    images = calibrate.calibration_images(data, 4, 64, verbose=False)
+    opts = pruning.PruneOptions(target_flops=0.4, min_keep=2, steps=2, calib_steps=('mean',), distill_iters=2,
+                                distill={'batch': 2})
+    result = pruning.prune(model, 'shortcut', opts, images)
+    hw = tuple(model.img_size)
+    orig = models_info(model.defs, hw)
+    assert models_info(result.nets['compact'].defs, hw) <= 0.6 * orig + 1e-9
+    assert len(result.plan.steps) == 2 and result.plan.bflops[1] == pytest.approx(models_info(
+        result.nets['compact'].defs, hw))
+    first = result.plan.steps[0]
+    assert 1 - first['bflops'][1] / first['bflops'][0] >= 0.2 - 1e-9                # half the target in step 1
+    for i, k in result.plan.keep.items():                                            # composite: the final widths
+        assert int(k.sum()) == result.nets['compact'].module_defs[i]['filters']
+    with pytest.raises(DarkslimError, match='steps 2 reaches a target_flops in equal steps'):
+        pruning.prune(model, 'shortcut', pruning.PruneOptions(percent=0.3, steps=2), images)
+    with pytest.raises(DarkslimError, match='distill_iters distils on the calibration images'):
+        pruning.prune(model, 'shortcut', pruning.PruneOptions(percent=0.3, distill_iters=3))
+
+
+def models_info(defs, hw):
+    from models import model_info
+    return model_info(defs, *hw)[1]
