@@ -45,6 +45,8 @@ SPARSE_MODE = 'shortcut'      # the layer set whose gammas `train.py -sr --prune
 
 def score_label(importance='gamma'):
     """What a block's score is, for tables and the JSON."""
+    if get_importance(importance).name == 'fold':
+        return "head-output error of removing the block alone (mean fold)"
     return f"mean {get_importance(importance).label} of the last branch conv's channels"
 
 
@@ -143,12 +145,43 @@ def find_blocks(module_defs, in_channels=3):
 
 
 def score_blocks(model, block_set, importance='gamma', images=None):
-    """Set each candidate's score: the mean `importance` score of its last conv's channels (float64; for
-    'gamma', the mean |gamma| of its BN, tanluren's layer-pruning criterion)."""
+    """Set each candidate's score: for 'fold', its measured damage (block_damage); otherwise the mean
+    `importance` score of its last conv's channels (float64; for 'gamma', the mean |gamma| of its BN,
+    tanluren's layer-pruning criterion)."""
+    if get_importance(importance).name == 'fold':
+        return block_damage(model, block_set, images)
     scores = get_importance(importance).scores(model, [b.last for b in block_set.candidates], images)
     for b in block_set.candidates:
         b.score = float(scores[b.last].mean())
     return block_set
+
+
+def block_damage(model, block_set, images, batch=8):
+    """Set each candidate's score to the damage its removal alone does: the block replaced by its measured mean
+    output (folded into the consumers, as a calibrated layer prune does), the mean squared change of every raw
+    head output on the calibration `images`, summed over heads (PRACTISE, Wang et al. 2023, ranks blocks by
+    such a recoverability measure)."""
+    if images is None:
+        raise DarkslimError("{importance} fold measures each block's damage on images: expected calibration "
+                            "images ({calib} N)", param='importance')
+    import calibrate
+    means = calibrate.mean_activations(model, [b.last for b in block_set.candidates], images, batch)
+    ref = _head_outputs(model, images, batch)
+    for b in block_set.candidates:
+        loose = loose_layer_model(model, LayerPlan(block_set, [b], [], {}, {}), means)
+        got = _head_outputs(loose, images, batch)
+        b.score = float(sum(((g - r) ** 2).mean() for g, r in zip(got, ref)))
+    return block_set
+
+
+def _head_outputs(model, images, batch):
+    """The raw [yolo] inputs of every head on `images`, concatenated over batches (float64)."""
+    outs = []
+    with torch.no_grad():
+        for s in range(0, len(images), batch):
+            raw = model.eval()(images[s:s + batch])[1]
+            outs.append([r.double() for r in raw])
+    return [torch.cat(parts) for parts in zip(*outs)]
 
 
 # --- plan -------------------------------------------------------------------------------------------------------
@@ -197,7 +230,7 @@ class LayerPlan:
         for r, b in enumerate(self.block_set.by_score(), 1):
             rows.append([r, b.shortcut, b.source, ','.join(map(str, b.branch)), f"{b.score:.6g}",
                          'yes' if b.shortcut in gone else '', 'yes' if b.regularized else 'NO'])
-        text = AsciiTable(rows, f" candidate blocks (score: {score_label(self.importance)}) ").table
+        text = AsciiTable(rows, " candidate blocks ").table + f"\nscore: {score_label(self.importance)}"
         for s, why in sorted(self.block_set.rejected.items()):
             text += f"\n[shortcut] {s} is not a candidate: {why}"
         for b in self.block_set.candidates:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import layer_prune
+import prune_layers
 import prune_utils
 from models import Darknet, load_model
 from prune_layers import find_blocks, prune
@@ -398,3 +399,28 @@ def test_cli_more_blocks_than_candidates_is_one_line_exit_2_without_output(narro
     assert err.err == (f"error: {cfg}: --shortcuts 24: the cfg has 23 candidate residual blocks (of 23 [shortcut] "
                        "layers); expected --shortcuts in 0..23\n")
     assert not (tmp_path / 'no').exists()
+
+
+def test_fold_scores_blocks_by_the_damage_their_removal_does(tmp_path):
+    """A block whose last BN is silenced (gamma = beta = 0: it adds exactly 0) does no damage; live blocks do,
+    and the score is the head-output change of the layer-pruned model (an independent route: the compact model
+    with the block's measured mean folded in)."""
+    import calibrate
+    from prune_layers import compact_layer_model, make_layer_plan
+    model = randomize_(Darknet(write(tmp_path, 'm.cfg', mini_yolov3(nc=NC))), seed=21).eval()
+    blocks = find_blocks(model.module_defs).candidates
+    silence_(model, [blocks[1].shortcut])
+    x = torch.rand(4, 3, H, W, generator=torch.Generator().manual_seed(22))
+    plan = make_layer_plan(model, 1, 'fold', x)
+    scores = {b.shortcut: b.score for b in plan.block_set.candidates}
+    assert scores[blocks[1].shortcut] < 1e-12 and min(v for k, v in scores.items() if k != blocks[1].shortcut) > 1e-6
+    assert [b.shortcut for b in plan.removed] == [blocks[1].shortcut]
+    live = make_layer_plan(model, 0, 'fold', x)
+    live.removed = [next(b for b in live.block_set.candidates if b.shortcut == blocks[2].shortcut)]
+    means = calibrate.mean_activations(model, [live.removed[0].last], x)
+    live.keep_layers, live.where = prune_layers._layer_map(len(model.module_defs), live.removed)
+    small = compact_layer_model(model, live, means)
+    by_route = sum(float(((a.double() - b.double()) ** 2).mean()) for a, b in zip(raw_outputs(small, x),
+                                                                                   raw_outputs(model, x)))
+    assert scores[blocks[2].shortcut] == pytest.approx(by_route, rel=1e-4)
+    assert 'head-output error' in plan.table()
