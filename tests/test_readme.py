@@ -11,7 +11,7 @@ import pytest
 from tests.helpers import REPO
 
 SMALL = [(r'--epochs \d+', '--epochs 1'), (r'--n-train \d+', '--n-train 8'), (r'--n-val \d+', '--n-val 4'),
-         (r'--img-size \d+', '--img-size 64')]
+         (r'--img-size \d+', '--img-size 64'), (r'--distill \d+', '--distill 2')]
 
 
 def readme_blocks(lang):
