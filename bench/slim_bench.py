@@ -51,6 +51,8 @@ def get_args_parser():
     p.add_argument('--steps', type=int, nargs='+', default=[1], help='iterative steps (pruning.prune steps)')
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--key', help='store under this key of slim.json (default: the part)')
+    p.add_argument('--markdown', metavar='KEY', nargs='+',
+                   help='print the rows stored under these keys of slim.json as a README table, and exit')
     return p
 
 
@@ -97,8 +99,8 @@ def one(model, data, cfg):
     total = time.perf_counter() - t0
     maps = {}
     for name, net in list(result.stages.items()) + [(result.final_stage, result.nets['compact'])]:
-        if name in ('beta_fold',) or (name == 'mean' and cfg['stage'] != 'mean') or name == 'refit':
-            continue                                    # only the stages compared (calibrated, distilled)
+        if cfg['quick'] and name != result.final_stage and name != 'bn':
+            continue                                    # select: only the stages compared (calibrated, distilled)
         r = evaluate(net, data, img_size=SIZE, batch_size=8, verbose=False)
         maps[name] = {'mAP50': round(r['mAP50'], 4), 'mAP50_95': round(r['mAP50_95'], 4)}
     params, bflops = model_info(result.nets['compact'].defs, SIZE, SIZE)
@@ -123,10 +125,30 @@ def configs(args):
                                         for k in args.steps:
                                             yield {'target': target, 'importance': imp, 'normalize': norm,
                                                    'stage': stage, 'calib': n, 'distill': iters, 'loss': loss,
-                                                   'lr': lr, 'bn': bn, 'batch': args.distill_batch, 'k': k}
+                                                   'lr': lr, 'bn': bn, 'batch': args.distill_batch, 'k': k,
+                                                   'quick': args.part == 'select'}
+
+
+def markdown(keys):
+    """The stored rows of `keys` as a markdown table: mAP@0.5 of every stage that was evaluated."""
+    stored = json.load(open(os.path.join(RESULTS, 'slim.json')))
+    lines = ['| BFLOPs removed (target) | importance | calib images | β fold | mean | mean+bn | distill (iters) | '
+             'mAP@0.5:0.95 (final) | prune s |', '|---|---|---|---|---|---|---|---|---|']
+    for key in keys:
+        for r in stored[key]['rows']:
+            st = r['stages']
+            cell = lambda name: f"{st[name]['mAP50']:.3f}" if name in st else ''     # noqa: E731
+            dist = f"{cell('distill')} ({r['distill']})" if r['distill'] else ''
+            removed = 1 - r['bflops'] / stored[key]['original']['bflops']
+            lines.append(f"| {removed:.1%} ({r['target']}) | {r['importance']} | {r['calib']} | {cell('beta_fold')} | "
+                         f"{cell('mean')} | {cell('bn')} | {dist} | {r['mAP50_95']:.3f} | "
+                         f"{r['seconds'].get('prune_total', '')} |")
+    print('\n'.join(lines))
 
 
 def main(args):
+    if args.markdown:
+        return markdown(args.markdown)
     if not (os.path.isdir(MODEL_DIR) and os.path.isdir(COCO128)):
         print(f"skipped: needs {MODEL_DIR} and {COCO128}")
         return None
