@@ -260,14 +260,13 @@ def stage_report(args, result, maps):
         return None
     seconds = (result.calibration or {}).get('seconds', {})
     names = list(result.stages) + [result.final_stage]
+    size = args.img_size or max(result.nets['original'].img_size)
     rows = []
     for name in names:
         row = {'stage': name, 'seconds': seconds.get('fold' if name == 'beta_fold' else name)}
-        if maps:
-            net_map = maps['beta_fold'] if name == 'beta_fold' else maps['compact'] if name == names[-1] else \
-                evaluate_map(result.stages[name], args.data, args.img_size or max(img_hw(result.nets['original'], None)),
-                             args.batch_size, args.device)
-            row.update(net_map)
+        if maps:      # the written model and the beta fold were evaluated with the report; the others now
+            row.update(maps.get('compact' if name == names[-1] else name) or
+                       evaluate_map(result.stages[name], args.data, size, args.batch_size, args.device))
         rows.append(row)
     table = [['stage', 'seconds', 'mAP@0.5', 'mAP@0.5:0.95']]
     table += [[r['stage'], '' if r['seconds'] is None else f"{r['seconds']:.1f}", f"{r.get('mAP50', float('nan')):.4f}",

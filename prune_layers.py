@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from terminaltables import AsciiTable
 
+import calibrate
 import channels
 import models
 import prune_utils
@@ -164,7 +165,6 @@ def block_damage(model, block_set, images, batch=8):
     if images is None:
         raise DarkslimError("{importance} fold measures each block's damage on images: expected calibration "
                             "images ({calib} N)", param='importance')
-    import calibrate
     means = calibrate.mean_activations(model, [b.last for b in block_set.candidates], images, batch)
     ref = _head_outputs(model, images, batch)
     for b in block_set.candidates:

@@ -13,6 +13,7 @@ report: each configuration calibrated on coco128 train (--calib N images) and ev
 Writes bench/results/slim.json (each part under its key; a part not run keeps its earlier result).
 """
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -23,6 +24,7 @@ import torch
 import calibrate
 import pruning
 from bench.common import REPO, RESULTS, load_average, print_table, write_result
+from importance import IMPORTANCES
 from models import load_model, model_info
 from utils.datasets import list_images
 from utils.errors import cli_main
@@ -32,6 +34,7 @@ SHARED = os.path.join(os.path.dirname(REPO), 'shared')
 MODEL_DIR = os.path.join(SHARED, 'models', 'yolov3-tiny-coco')
 COCO128 = os.path.join(SHARED, 'datasets', 'coco128')
 SIZE = 416
+HELD_OUT = 32      # select: coco128 train images held apart for evaluation; the rest calibrate
 STAGES = {'beta': (), 'mean': ('mean',), 'mean+bn': ('mean', 'bn'), 'mean+refit+bn': ('mean', 'refit', 'bn')}
 
 
@@ -69,11 +72,13 @@ def write_data(folder, train, valid):
 
 
 def splits(folder):
-    """{'select': .data (train: 96 of coco128 train, valid: the other 32), 'report': .data (train, val)}."""
+    """{'select': .data (train: coco128 train less HELD_OUT seeded images, valid: those), 'report': .data
+    (train, val)}."""
     train = list_images(os.path.join(COCO128, 'images', 'train2017'))
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(train), generator=g).tolist()
-    calib, held = sorted(train[j] for j in order[:96]), sorted(train[j] for j in order[96:])
+    n_calib = len(train) - HELD_OUT
+    calib, held = sorted(train[j] for j in order[:n_calib]), sorted(train[j] for j in order[n_calib:])
     val = list_images(os.path.join(COCO128, 'images', 'val2017'))
     return {'select': write_data(os.path.join(folder, 'select'), calib, held),
             'report': write_data(os.path.join(folder, 'report'), train, val)}
@@ -91,8 +96,6 @@ def one(model, data, cfg):
                                 distill_iters=cfg['distill'], distill={'loss': cfg['loss'], 'lr': cfg['lr'],
                                                                         'bn': cfg['bn'], 'batch': cfg['batch']})
     if cfg['normalize'] != 'default':
-        from importance import IMPORTANCES
-        import dataclasses
         opts.importance = dataclasses.replace(IMPORTANCES[cfg['importance']], normalize=cfg['normalize'])
     t0 = time.perf_counter()
     result = pruning.prune(model, 'tiny', opts, images, files)
@@ -111,8 +114,8 @@ def one(model, data, cfg):
             'mAP50_95': final['mAP50_95'], 'stages': maps, 'seconds': seconds}
 
 
-def configs(args):
-    n_calibs = [96] if args.part == 'select' else args.calib
+def configs(args, n_select):
+    n_calibs = [n_select] if args.part == 'select' else args.calib
     for n in n_calibs:
         for target in args.targets:
             for imp in args.importances:
@@ -161,7 +164,8 @@ def main(args):
         data = splits(tmp)[args.part]
         base = evaluate(model, data, img_size=SIZE, batch_size=8, verbose=False)
         print(f"original: mAP@0.5 {base['mAP50']:.4f} on {args.part} split ({base['images']} images)")
-        for cfg in configs(args):
+        n_select = len(list_images(os.path.join(COCO128, 'images', 'train2017'))) - HELD_OUT
+        for cfg in configs(args, n_select):
             rows.append(one(model, data, cfg))
             print(json.dumps(rows[-1]), flush=True)
     cols = ['target', 'importance', 'normalize', 'stage', 'calib', 'distill', 'loss', 'lr', 'bn', 'k', 'bflops',
@@ -172,11 +176,11 @@ def main(args):
     path = os.path.join(RESULTS, 'slim.json')
     old = json.load(open(path)) if os.path.isfile(path) else {}
     parts = {k: v for k, v in old.items() if isinstance(v, dict) and 'rows' in v}
-    parts[key] = {**parts.get(key, {}), 'rows': parts.get(key, {}).get('rows', []) + rows}
+    split = (f"coco128 train: {HELD_OUT} held apart to evaluate, the rest calibrate" if args.part == 'select'
+             else 'calibrate on coco128 train, evaluate on coco128 val')
     parts[key] = {'original': {'mAP50': round(base['mAP50'], 4), 'mAP50_95': round(base['mAP50_95'], 4),
                                'bflops': round(model_info(model.defs, SIZE, SIZE)[1], 3)},
-                  'split': 'coco128 train: 96 calibrate, 32 held-out evaluate' if args.part == 'select'
-                  else 'calibrate on coco128 train, evaluate on coco128 val', 'rows': parts[key]['rows']}
+                  'split': split, 'rows': parts.get(key, {}).get('rows', []) + rows}
     write_result('slim', {'threads': args.threads, 'img_size': SIZE, **parts}, load)
     return rows
 
