@@ -445,3 +445,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# --- AlexeyAB darknet (built from ../shared/darknet-src/alexeyab by utils/darknet_build.py) -----------------------
+
+def need_alexeyab(source=None, cache=None):
+    """AlexeyAB darknet's DarknetRuntime, built once into the cache (utils/darknet_build.py), or skip the calling
+    test with why it cannot be built here (no source tree, a missing tool, or make's last lines)."""
+    from utils import darknet_build
+    runtime, why = darknet_build.alexeyab(source or darknet_build.ALEXEYAB_SRC, cache)
+    why = why or runtime.missing()   # gcc for the accessor shim
+    if why:
+        pytest.skip(f"AlexeyAB darknet unavailable: {why}")
+    return runtime
+
+
+def head_decoding(model):
+    """Per [yolo] head of a models.Darknet, its (scale_x_y, new_coords): how the [yolo] layer maps its input
+    (utils.darknet_lib.to_darknet_space)."""
+    return [(model.module_list[i].scale_x_y, model.module_list[i].new_coords) for i in model.yolo_layers]
