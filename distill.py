@@ -50,6 +50,7 @@ from channels import channel_flow
 from models import YOLOLayer
 from utils.datasets import DEFAULT_HYP, LoadImagesAndLabels, list_images
 from utils.errors import DarkslimError
+from utils.parse_config import infer_shapes
 
 LOSSES = ('head', 'feature', 'head+feature')
 BN_MODES = ('frozen', 'train')       # student BatchNorms: running statistics kept | updated by the batches
@@ -132,6 +133,23 @@ def head_convs(model):
                                 "expected a [convolutional] head conv")
         out.append(src)
     return out
+
+
+def head_shapes(model, img_hw):
+    """Per [yolo] layer of a Darknet, at input size img_hw = (height, width): (anchors, H, W, 5 + classes,
+    new_coords), the raw output's shape without the batch and how its objectness reads."""
+    shapes = infer_shapes(model.defs, *img_hw)
+    return [(model.module_list[i].na, *shapes[i][1:], model.module_list[i].no, model.module_list[i].new_coords)
+            for i in model.yolo_layers]
+
+
+def check_same_heads(student, teacher, img_hw):
+    """DarkslimError (about {teacher}) unless both Darknets give equal head outputs at input img_hw: what
+    head_loss compares. Widths inside the networks may differ (a pruned student)."""
+    s, t = head_shapes(student, img_hw), head_shapes(teacher, img_hw)
+    if s != t:
+        raise DarkslimError(f"{{teacher}}: heads (anchors, H, W, 5+classes, new_coords) at input {img_hw[0]}x"
+                            f"{img_hw[1]}: teacher {t}, student {s}; expected equal head outputs", param='teacher')
 
 
 # --- the losses -------------------------------------------------------------------------------------------------

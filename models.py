@@ -3,18 +3,19 @@
     python models.py summary  --cfg C [--weights W] [--img-size N]
     python models.py convert  --cfg C --weights IN --out OUT       (.pt <-> .weights)
     python models.py make-cfg --base C --classes N --out OUT
-    python models.py export   --cfg C --weights W --out M.onnx [--img-size S] [--batch B | --dynamic]
+    python models.py export   --cfg C --weights W --out M.onnx [--img-size S] [--batch B | --dynamic | --dynamic-size]
+                              [--int8 --data D [--calib N] [--calib-method M] [--float-heads]]
 """
 import argparse
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.darknet_weights import load_darknet_weights, save_weights
+from utils.darknet_weights import load_darknet_weights, read_header, save_weights
 from utils.errors import DarkslimError, cli_main
 from utils.io import atomic_path
 from utils.parse_config import (cfg_text, conv_geometry, infer_shapes, layer_inputs, maxpool_geometry, parse_cfg,
@@ -388,6 +389,220 @@ def resolve_model(model_or_cfg, weights=None, device='cpu', img_size=None):
     return model, os.fspath(model_or_cfg if model_or_cfg is not None else weights)
 
 
+def stored_cfg(path):
+    """The cfg sections a darkslim .pt at `path` stores (shapes checked), read without loading its tensors into
+    memory (memory-mapped); a DarkslimError for a darknet .weights file or a .pt without a cfg."""
+    path = check_weights_path(path)
+    if not is_torch_file(path):
+        raise DarkslimError(f"{path}: darknet .weights store no cfg; expected a cfg file given with them")
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except RuntimeError:                             # a legacy (non-zip) file cannot be memory-mapped
+        ckpt = read_checkpoint(path)
+    defs = checkpoint_cfg(ckpt if isinstance(ckpt, dict) else {}, path)
+    infer_shapes(defs)
+    return defs
+
+
+# --- transfer: weights of the same network with another class count (or partly other shapes) -------------------
+
+def with_classes(defs, nc):
+    """A copy of cfg sections `defs` ([net] + layers) for `nc` classes: every conv feeding a [yolo] gets
+    len(mask) * (nc + 5) filters and the [yolo] classes=nc; shapes checked (infer_shapes)."""
+    defs = copy.deepcopy(list(defs))
+    for i, d in enumerate(defs[1:]):
+        if d['type'] != 'yolo':
+            continue
+        src = layer_inputs(defs, i)[0]
+        if defs[src + 1]['type'] != 'convolutional':
+            where = f"{d.where()} (layer {i})" if hasattr(d, 'where') else f"layer {i}"
+            raise DarkslimError(f"{where}: [yolo] is fed by [{defs[src + 1]['type']}] {src}; expected a "
+                                "[convolutional] head conv")
+        defs[src + 1]['filters'] = len(yolo_masks(d)) * (nc + 5)
+        d['classes'] = nc
+    infer_shapes(defs)
+    return defs
+
+
+def conv_floats(defs):
+    """[(conv layer index, floats)] a darknet .weights body holds for the network `defs`, in file order
+    (utils.darknet_weights' layout: per conv, 4 x filters with batch_normalize (beta, gamma, mean, var) else
+    filters (bias), then the weights)."""
+    shapes = infer_shapes(defs)
+    out = []
+    for i, d in enumerate(defs[1:]):
+        if d['type'] != 'convolutional':
+            continue
+        size, _, _, groups = conv_geometry(d)
+        c_in = shapes[i - 1][0] if i else defs[0].get('channels', 3)
+        f = d['filters']
+        out.append((i, f * (c_in // groups) * size * size + f * (4 if d.get('batch_normalize', 0) else 1)))
+    return out
+
+
+def darknet_floats(defs):
+    """Floats a darknet .weights body holds for the whole network `defs` (see conv_floats)."""
+    return sum(n for _, n in conv_floats(defs))
+
+
+def _prefix_hint(defs, n):
+    """'; layers 0..K-1 of this cfg need exactly that many (...: read it with a layer cutoff of K)' when the
+    first K layers of `defs` hold exactly n floats (a partial file such as darknet53.conv.74), else ''."""
+    total = 0
+    for i, k in conv_floats(defs):
+        total += k
+        if total == n:
+            return (f"; layers 0..{i} of this cfg need exactly that many (a partial file such as "
+                    f"darknet53.conv.74: read it with a layer cutoff of {i + 1})")
+        if total > n:
+            break
+    return ''
+
+
+def _weights_body_floats(path):
+    with open(path, 'rb') as f:
+        read_header(f)
+        return (os.fstat(f.fileno()).st_size - f.tell()) // 4
+
+
+def darknet_classes(defs, path):
+    """The class count nc for which the darknet .weights file `path` holds exactly the floats of network `defs`
+    with nc classes (with_classes): a .weights file stores no cfg, so the class count of the network that wrote
+    it is solved from the file's length. The float count is affine in nc, A + B * nc (B: the head convs' floats
+    per class), so nc = (n - A) / B, accepted only when it is a whole number >= 1 and the network with nc
+    classes needs exactly n floats. Raises one DarkslimError when no class count fits."""
+    n = _weights_body_floats(path)
+    own = darknet_floats(defs)
+    if n == own:
+        return max([d.get('classes', 20) for d in defs[1:] if d['type'] == 'yolo'] or [None])
+    f1, f2 = darknet_floats(with_classes(defs, 1)), darknet_floats(with_classes(defs, 2))
+    per = f2 - f1
+    nc = 1 + (n - f1) // per if per > 0 and n >= f1 and (n - f1) % per == 0 else None
+    if nc is None or darknet_floats(with_classes(defs, nc)) != n:
+        raise DarkslimError(
+            f"{path}: holds {n} floats after the header; this cfg's network needs {f1} + {per} x (classes - 1) "
+            f"({own} for its own class count), and no class count fits{_prefix_hint(defs, n)}; expected the darknet "
+            ".weights of this network with any class count, or a layer cutoff to read only the first layers")
+    return nc
+
+
+@dataclass
+class Transfer:
+    """What load_transfer took from a weights file: `loaded` the layers whose every tensor came from it,
+    `kept` {layer: why} the layers with parameters left at their initialisation, `unused` the file's other
+    layers with tensors that went nowhere (the cfg has no such layer), `source_nc` the class count of the file's
+    network (None when the file does not say)."""
+    path: str
+    loaded: list
+    kept: dict
+    source_nc: int = None
+    nc: int = None
+    unused: list = field(default_factory=list)
+
+    @property
+    def exact(self):
+        """Every tensor of the model came from the file and every tensor of the file went into the model."""
+        return not self.kept and not self.unused
+
+    def line(self, types):
+        """One line for a user: what was loaded and which layers (index + type, from `types` {layer: type})
+        were left at their initialisation, and why."""
+        classes = '' if self.source_nc in (None, self.nc) else f" ({self.source_nc} classes -> {self.nc})"
+        kept = ', '.join(f"{i} {types[i]} ({why})" for i, why in sorted(self.kept.items()))
+        unused = f"; not in the cfg, unused: the file's layers {_spans(self.unused)}" if self.unused else ''
+        return (f"transfer {self.path}{classes}: loaded {len(self.loaded)} of {len(self.loaded) + len(self.kept)} "
+                f"layers with parameters; left at their initialisation: {kept or 'none'}{unused}")
+
+
+def _spans(indices):
+    """'3, 7..9' for [3, 7, 8, 9]."""
+    out, run = [], []
+    for i in sorted(indices):
+        if run and i != run[-1] + 1:
+            out.append(run)
+            run = []
+        run.append(i)
+    out += [run] if run else []
+    return ', '.join(str(r[0]) if len(r) == 1 else f"{r[0]}..{r[-1]}" for r in out)
+
+
+def _by_layer(state):
+    """{layer index: {tensor name after 'module_list.<i>.': tensor}} of a Darknet state_dict."""
+    out = {}
+    for k, v in state.items():
+        head, _, rest = k.partition('.')
+        idx, _, name = rest.partition('.')
+        if head == 'module_list' and idx.isdigit():
+            out.setdefault(int(idx), {})[name] = v
+    return out
+
+
+def _shape(t):
+    return 'x'.join(map(str, t.shape)) or 'scalar'
+
+
+def _layer_mismatch(own, theirs):
+    """Why a layer's tensors in the file (`theirs`, None: no such layer) cannot replace `own`; None when every
+    tensor is there with its shape and the file holds no other tensor for the layer."""
+    if not theirs:
+        return 'not in the file'
+    for name, t in own.items():
+        if name not in theirs:
+            return f"no {name} in the file"
+        if theirs[name].shape != t.shape:
+            return f"{name} {_shape(theirs[name])} in the file, {_shape(t)} here"
+    extra = sorted(set(theirs) - set(own))
+    return f"{extra[0]} in the file, none here" if extra else None
+
+
+def transfer_state(model, state, path, source_nc=None):
+    """Copy into `model` every layer of Darknet state_dict `state` whose tensors all fit (same names, same
+    shapes): all or nothing per layer, so that a conv never runs with another layer's BatchNorm (a conv whose
+    weight fits but whose batch_normalize differs is left at its initialisation). Returns a Transfer; a
+    DarkslimError when no layer with parameters fits."""
+    own, theirs = _by_layer(model.state_dict()), _by_layer(state)
+    loaded, kept = [], {}
+    with torch.no_grad():
+        for i, tensors in sorted(own.items()):
+            why = _layer_mismatch(tensors, theirs.get(i))
+            if why is not None:
+                kept[i] = why
+                continue
+            for name, t in tensors.items():
+                t.copy_(theirs[i][name])
+            loaded.append(i)
+    if not loaded and kept:
+        i = min(kept)
+        raise DarkslimError(f"{path}: no layer of the file fits the cfg (layer {i}: {kept[i]}); expected weights "
+                            "of this network (any class count)")
+    unused = sorted(set(theirs) - set(own))
+    return Transfer(os.fspath(path), loaded, kept, source_nc, model.nc if model.yolo_layers else None, unused)
+
+
+def load_transfer(model, path):
+    """Load `.pt` or darknet `.weights` (by content) into `model` layer by layer where the shapes fit, for
+    training a network from weights of another class count (see transfer_state); returns a Transfer.
+
+    A .pt gives its tensors by name. A .weights file is read with the shapes of the network that wrote it:
+    the model's own network with the class count darknet_classes solves from the file's length (all heads
+    share it), so the head convs (and only layers whose shapes depend on the class count) are left out."""
+    path = check_weights_path(path)
+    if is_torch_file(path):
+        ckpt = read_checkpoint(path)
+        nc = None
+        if 'cfg' in ckpt:
+            heads = [d for d in checkpoint_cfg(ckpt, path) if d['type'] == 'yolo']
+            nc = heads[0].get('classes', 20) if heads else None
+        return transfer_state(model, ckpt['model'], path, nc)
+    nc = darknet_classes(model.defs, path)
+    if nc is None or nc == model.nc:
+        load_darknet_weights(model, path)
+        return Transfer(path, [i for i in _by_layer(model.state_dict())], {}, nc, nc)
+    source = Darknet(with_classes(model.defs, nc), model.img_size, init_weights=False)
+    load_darknet_weights(source, path)
+    return transfer_state(model, source.state_dict(), path, nc)
+
+
 # --- summary --------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -488,31 +703,47 @@ def make_cfg(base, classes, out):
     if classes < 1:
         raise DarkslimError(f"--classes {classes}; expected a positive class count")
     refuse_overwrite(out, base)
-    defs = parse_cfg(base)
-    for i, d in enumerate(defs[1:]):
-        if d['type'] != 'yolo':
-            continue
-        src = layer_inputs(defs, i)[0]
-        if defs[src + 1]['type'] != 'convolutional':
-            raise DarkslimError(f"{d.where()} (layer {i}): [yolo] is fed by [{defs[src + 1]['type']}]; "
-                                "expected a [convolutional] to resize")
-        defs[src + 1]['filters'] = len(yolo_masks(d)) * (classes + 5)
-        d['classes'] = classes
-    infer_shapes(defs)
+    defs = with_classes(parse_cfg(base), classes)
     write_cfg(out, defs)
     print(f"wrote {out} for {classes} classes")
     return out
 
 
-def export(cfg, weights, out, img_size=None, batch=1, dynamic=False, opset=17):
+def export(cfg, weights, out, img_size=None, batch=1, dynamic=False, opset=17, dynamic_size=False, int8=False,
+           data=None, calib=None, calib_method=None, float_heads=None):
     """ONNX file of cfg + weights (BN fused; outputs `detections` and the raw `yolo_<layer>` tensors; see
-    utils/onnx_export.py). Needs the `onnx` package (and onnxruntime to run the result)."""
+    utils/onnx_export.py). Needs the `onnx` package (and onnxruntime to run the result). dynamic_size: height
+    and width are dynamic axes (with the batch). int8: statically quantized (utils/quantize.py), calibrated on
+    `calib` images (default quantize.DEFAULT_CALIB; all when fewer) of .data file `data`'s train split, never
+    its valid split, with `calib_method` (default quantize.DEFAULT_METHOD); float_heads: the convs feeding
+    [yolo] stay float (default quantize.FLOAT_HEADS)."""
+    import tempfile
+
     from utils.onnx_export import export_onnx
-    refuse_overwrite(out, weights, cfg)
-    model = load_model(cfg, weights)
+    refuse_overwrite(out, weights, cfg, data)
     hw = (img_size, img_size) if img_size else None
-    done = export_onnx(model, out, img_size=hw, batch=batch, dynamic=dynamic, opset=opset)
-    print(done.summary())
+    kw = dict(img_size=hw, batch=batch, dynamic=dynamic, dynamic_hw=dynamic_size, opset=opset)
+    if not int8:
+        print(export_onnx(load_model(cfg, weights), out, **kw).summary())
+        return out
+    from calibrate import calibration_files
+    from utils import quantize
+    if quantize.missing():
+        raise DarkslimError(quantize.missing())
+    if data is None:
+        raise DarkslimError("INT8 export without a .data file; expected one whose train images calibrate it",
+                            param='data')
+    model = load_model(cfg, weights)
+    h, w = hw or model.img_size
+    if h != w:
+        raise DarkslimError(f"INT8 export at {h}x{w}; expected a square input size (calibration letterboxes to a "
+                            "square, as evaluation does)", param='img_size')
+    files = calibration_files(data, calib or quantize.DEFAULT_CALIB)
+    with tempfile.TemporaryDirectory(prefix='darkslim-export-') as tmp:
+        fp32 = export_onnx(model, os.path.join(tmp, 'fp32.onnx'), **kw)
+        quantize.quantize_onnx(fp32.path, out, files, h, method=calib_method or quantize.DEFAULT_METHOD,
+                               float_heads=quantize.FLOAT_HEADS if float_heads is None else float_heads,
+                               batch=1 if dynamic or dynamic_size else batch)
     return out
 
 
@@ -531,7 +762,9 @@ def get_args_parser():
     m.add_argument('--base', required=True)
     m.add_argument('--classes', type=int, required=True)
     m.add_argument('--out', required=True)
-    e = sub.add_parser('export', help='ONNX for onnxruntime / TensorRT / OpenVINO (needs the onnx package)')
+    from utils import quantize
+    e = sub.add_parser('export', help='ONNX for onnxruntime / TensorRT / OpenVINO (needs the onnx package)',
+                       description=quantize.EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument('--cfg', help='cfg (optional for a .pt that stores one)')
     e.add_argument('--weights', required=True)
     e.add_argument('--out', required=True, help='the .onnx file to write')
@@ -539,7 +772,20 @@ def get_args_parser():
     size = e.add_mutually_exclusive_group()
     size.add_argument('--batch', type=int, default=1, help='fixed batch size (default 1)')
     size.add_argument('--dynamic', action='store_true', help='dynamic batch axis')
+    size.add_argument('--dynamic-size', action='store_true',
+                      help='dynamic batch, height and width (sizes that keep every head stride whole)')
     e.add_argument('--opset', type=int, default=17)
+    e.add_argument('--int8', action='store_true',
+                   help='statically quantized INT8 model (QDQ; needs onnxruntime too; calibrated on --data train)')
+    e.add_argument('--data', help='--int8: .data file whose train= images calibrate (its valid= is never read)')
+    e.add_argument('--calib', type=int, default=quantize.DEFAULT_CALIB,
+                   help=f'--int8: calibration images (default {quantize.DEFAULT_CALIB}; all when fewer)')
+    e.add_argument('--calib-method', choices=list(quantize.METHODS), default=quantize.DEFAULT_METHOD,
+                   help=f'--int8: activation range calibration (default {quantize.DEFAULT_METHOD}, chosen by '
+                        'measured mAP: see above)')
+    e.add_argument('--float-heads', action=argparse.BooleanOptionalAction, default=quantize.FLOAT_HEADS,
+                   help='--int8: keep the convs feeding [yolo] in float (default: '
+                        f'{"yes" if quantize.FLOAT_HEADS else "no"}, measured: see above)')
     return p
 
 
@@ -553,7 +799,13 @@ def main(args):
     elif args.command == 'export':
         if args.batch < 1:
             raise DarkslimError(f"--batch {args.batch}; expected a positive batch size")
-        export(args.cfg, args.weights, args.out, args.img_size, args.batch, args.dynamic, args.opset)
+        if args.calib < 1:
+            raise DarkslimError(f"--calib {args.calib}; expected a positive number of images")
+        if args.int8 and args.data is None:
+            raise DarkslimError("--int8 without --data; expected --data D (its train images calibrate)")
+        export(args.cfg, args.weights, args.out, args.img_size, args.batch, args.dynamic, args.opset,
+               dynamic_size=args.dynamic_size, int8=args.int8, data=args.data, calib=args.calib,
+               calib_method=args.calib_method, float_heads=args.float_heads)
     return 0
 
 

@@ -1,18 +1,31 @@
 """Train a Darknet-cfg YOLOv3 model; with -sr, sparsity training (L1 on BN gammas) for network slimming.
 
     python train.py --cfg C --data D [--weights W [--cutoff K]] [--epochs 100] [--batch-size 16] [--img-size N]
+    python train.py --cfg my-3cls.cfg --data D --weights yolov3-tiny.weights  # transfer: another class count
+    python train.py --data D --weights last.pt                                # the cfg stored in the .pt
     python train.py --cfg C --data D --weights W -sr --s 0.001 --prune 1      # sparsity training for a prune
+    python train.py ... -sr --s 0.01 --s-final 0.1                            # rate linear from s to s x 0.1
     python train.py --cfg pruned.cfg --data D --weights pruned.weights       # fine-tune a pruned model
+    python train.py ... --teacher dense.cfg dense.weights [--kd 1.0]          # + distillation from a teacher
     python train.py --resume [PATH]                                            # continue <out-dir>/last.pt
     torchrun --nproc_per_node N train.py ... -sr --sr-rate 0.001               # DDP (gloo on CPU, nccl on CUDA)
 
 (Under torchrun write the sparsity rate as --sr-rate: torchrun's parser rejects `--s` as an ambiguous prefix of
 its own options.)
 
+--weights loads every layer whose tensors fit the cfg (all or nothing per layer) and names, in one line, the layers
+it left at their initialisation: from a model of another class count (a .pt, or a darknet .weights whose class
+count is solved from its length), the convs feeding [yolo]; those get prior biases. --cutoff K reads exactly the
+first K layers of a .weights instead. --teacher CFG WEIGHTS adds the loss term `kd` (results.csv column):
+--kd x the objectness-weighted MSE between the teacher's raw head outputs and the student's on the same batch
+(distill.head_loss); the teacher (same class count and head shapes; the student may be a pruned copy) runs
+frozen, in eval mode, on every DDP rank, and a --resume rebuilds it.
+
 Every epoch: training (tqdm bar), evaluation of `valid` (P, R, mAP@0.5, mAP@0.5:0.95, F1) appended to
 <out-dir>/results.csv, then last.pt / last.weights and, when the fitness 0.1*mAP50 + 0.9*mAP50_95 improves,
-best.pt / best.weights (all written atomically). With -sr also the |gamma| statistics and a histogram
-<out-dir>/gamma_hist_epoch<N>.png. After the last epoch, <out-dir>/results.png plots results.csv. With
+best.pt / best.weights (all written atomically). With -sr also the |gamma| statistics, the epochs the median
+prunable |gamma| needs to reach 0 at the current rate (lr*s/(1-momentum) per optimizer step: see --s), and a
+histogram <out-dir>/gamma_hist_epoch<N>.png. After the last epoch, <out-dir>/results.png plots results.csv. With
 --tensorboard (and the tensorboard package installed), scalars and the regularized BN-gamma histograms go to
 <out-dir>/tensorboard.
 
@@ -78,8 +91,6 @@ def train(args):
         resume_path, ckpt = resolve_resume(args)
         if ckpt is not None:
             _restore_args(args, ckpt.get('args') or {})
-        if args.cfg is None and ckpt is None:
-            raise DarkslimError("no --cfg given; expected a Darknet .cfg (or --resume with a last.pt)")
         return training.fit(_config(args), ckpt, resume_path, names=FLAGS)
 
 

@@ -16,12 +16,19 @@ lr0 * lrf, per iteration; the loss is a per-batch mean, divided by `accumulate` 
 accumulated. AMP on CUDA only. Heads trained from scratch get prior biases (init_head_biases).
 
 Loss terms: `train_one_epoch` minimises the sum of `run.terms`, a list of `LossTerm`s made by `loss_terms(run)`:
-'detection' (utils.loss: components box, obj, cls) and, with `sr`, 'sparsity' (the L1 subgradient
-s * sign(gamma) on the prunable BN gammas, utils.sparsity.BNSparsity, added between backward() and step(); it
-logs s * sum|gamma| after the step). results.csv and TensorBoard get one column per term (or per component) and
-'total'. To add a term (e.g. distillation: MSE between the outputs and a frozen teacher's), add its options as
-TrainConfig fields and append `LossTerm('kd', loss=lambda model, outputs, targets, imgs: ...)` in `loss_terms`;
-nothing else changes.
+'detection' (utils.loss: components box, obj, cls); with `sr`, 'sparsity' (the L1 subgradient s * sign(gamma) on
+the prunable BN gammas, utils.sparsity.BNSparsity, added between backward() and step(); it logs s * sum|gamma|
+after the step; with `s_final` s follows utils.sparsity.scheduled_rate per epoch); with `teacher`, 'kd' (kd x
+distill.head_loss between the student's raw head outputs and those of a frozen teacher on the same batch).
+results.csv and TensorBoard get one column per term (or per component) and 'total'. To add a term, add its
+options as TrainConfig fields and append a `LossTerm(name, loss=lambda model, outputs, targets, imgs: ...)` in
+`loss_terms`; nothing else changes.
+
+Start weights (`weights`, no `cutoff`): models.load_transfer loads every layer whose tensors fit the cfg, all
+or nothing per layer, from a .pt or a darknet .weights of the same network with another class count (the class
+count of a .weights is solved from its length); the layers left at their initialisation are logged in one line
+and the re-initialised head convs get prior biases (init_head_biases). With `cutoff`: exactly the first K layers
+of a .weights.
 
 Checkpoints (models.save_checkpoint, plain data, torch.load(weights_only=True)): 'model' = the evaluated weights
 (the EMA when ema is on), 'cfg', 'epoch' (last completed, 0-based), 'optimizer', 'best_fitness', 'fitness',
@@ -43,7 +50,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 import models
-from models import Darknet, load_weights_any, read_checkpoint
+from distill import Outputs, check_same_heads, distill_loss, obj_is_prob, run_model
+from models import Darknet, is_torch_file, load_model, load_transfer, load_weights_any, read_checkpoint, stored_cfg
 from importance import get_importance
 from prune_utils import get_layer_set
 from utils.darknet_weights import save_weights
@@ -55,7 +63,8 @@ from utils.io import write_text_atomic
 from utils.loss import DEFAULT_HYP as LOSS_HYP
 from utils.loss import loss_components
 from utils.parse_config import infer_shapes, parse_cfg, parse_cfg_text
-from utils.sparsity import LOCAL_DECAY, BNSparsity, format_stats, gamma_histogram_png, sparsity_stats
+from utils.sparsity import (LOCAL_DECAY, BNSparsity, format_needed, format_stats, gamma_histogram_png,
+                            optimizer_steps, scheduled_rate, sparsity_stats)
 from utils.torch_utils import ModelEMA, dist_info, init_seeds, select_device
 
 METRIC_COLUMNS = ['precision', 'recall', 'mAP50', 'mAP50_95', 'f1', 'fitness', 'gamma_small_share', 'gamma_p50',
@@ -128,9 +137,12 @@ def option(default=None, *flags, help=None, check=None, **argparse):
 class TrainConfig:
     """Everything a training run is told (train.py's options, same names). Plain data: it is stored in every
     checkpoint as 'args' so that a resumed run continues with the same settings. `validate()` checks it."""
-    cfg: str = option(help='Darknet .cfg (optional with --resume: the checkpoint stores it)')
+    cfg: str = option(help='Darknet .cfg (optional with --resume or a .pt --weights: they store it)')
     data: str = option(help='Darknet .data file (classes, train, valid[, names])')
-    weights: str = option(help='initial weights: darknet .weights or darkslim .pt (model only)')
+    weights: str = option(help='initial weights: darknet .weights or darkslim .pt (a .pt may stand in for --cfg: it '
+                               'stores its cfg). Every layer whose tensors fit the cfg is loaded, also from the same '
+                               'network for another class count; the layers left at their initialisation (the head '
+                               'convs, then) are named in one line')
     cutoff: int = option(help='load only the first K layers of a .weights (e.g. 74, 15)',
                          check=Check(lambda v: _is_int(v) and v >= 1, 'a positive layer count'))
     epochs: int = option(100, check=at_least(1))
@@ -161,8 +173,16 @@ class TrainConfig:
     ema: bool = option(False, help='evaluate and save an exponential moving average')
     sr: bool = option(False, '-sr', '--sr', help='sparsity training: L1 on prunable BN gammas')
     s: float = option(0.001, '--s', '--sr-rate', check=Check(NON_NEGATIVE.ok, 'a sparsity rate >= 0'),
-                      help='sparsity rate (with -sr); under torchrun spell it --sr-rate (torchrun takes --s for a '
+                      help='sparsity rate (with -sr). Each optimizer step moves a prunable BN gamma by '
+                           'lr*s/(1-momentum) toward 0, so a gamma of size g needs ~g*(1-momentum)/(lr*s) steps: the '
+                           'COCO yolov3-tiny\'s median prunable gamma 1.65 at lr 0.01, s 0.001, momentum 0.937 needs '
+                           '~10400 steps (1040 epochs of 10 batches); every epoch\'s sparsity line gives the epochs '
+                           'your run needs at its rate. Under torchrun spell it --sr-rate (torchrun takes --s for a '
                            'prefix of its own options)')
+    s_final: float = option(metavar='F', check=Check(NON_NEGATIVE.ok, 'a factor >= 0'),
+                            help='-sr schedule: the rate decays linearly, epoch by epoch, from --s (first epoch) to '
+                                 '--s x F (last epoch), e.g. 0.1; with --sr-local it is the rate of the pressed '
+                                 'channels (the others get 1%% of it). Default: --s throughout')
     prune: int = option(0, choices=(0, 1, 2),
                         help='-sr layer set: 0 normal/regular, 1 shortcut, 2 tiny (as the prune script that follows)')
     sr_local: float = option(metavar='SHARE', check=within(0, 1, True, False, 'a share of channels'),
@@ -174,6 +194,15 @@ class TrainConfig:
                                    check=within(0, 1, False, True, 'a fraction of the epochs'),
                                    help='local s decay starts at this fraction of --epochs (default 0.5; 0: from the '
                                         'first epoch)')
+    teacher: list = option(nargs=2, metavar=('CFG', 'WEIGHTS'),
+                           check=Check(lambda v: isinstance(v, (list, tuple)) and len(v) == 2
+                                       and all(isinstance(x, str) for x in v), 'a cfg and a weights path'),
+                           help='distillation: a frozen teacher (eval mode, no gradients; e.g. the dense model when '
+                                'sparse-training or fine-tuning a prune) adds the loss term kd = --kd x the '
+                                'objectness-weighted MSE between its raw head outputs and the student\'s on each '
+                                'batch (distill.head_loss); same class count and head output shapes as the student')
+    kd: float = option(1.0, metavar='W', check=NON_NEGATIVE,
+                       help='weight of the distillation term kd (with --teacher; default 1.0)')
     tensorboard: bool = option(False, help='log scalars and BN-gamma histograms to <out-dir>/tensorboard (needs the '
                                            'tensorboard package; skipped with a message without it)')
 
@@ -188,7 +217,8 @@ class TrainConfig:
 
     def validate(self):
         """Raise DarkslimError (`param`: the field) for the first value outside its field's range (see
-        `options()`), a local s decay without sparsity, or a bad hyp override; returns the config."""
+        `options()`), a local s decay or a rate schedule without sparsity, a teacher file that does not exist, or
+        a bad hyp override; returns the config."""
         for f, opt in options():
             v = getattr(self, f.name)
             if v is None and f.default is None:
@@ -199,6 +229,13 @@ class TrainConfig:
         if self.sr_local is not None and not self.sr:
             raise DarkslimError(f"{{sr_local}} {self.sr_local} without {{sr}}; expected {{sr}} (local s decay is a "
                                 "sparsity rate)", param='sr_local')
+        if self.s_final is not None and not self.sr:
+            raise DarkslimError(f"{{s_final}} {self.s_final} without {{sr}}; expected {{sr}} (a schedule of the "
+                                "sparsity rate)", param='s_final')
+        for path in self.teacher or ():
+            if not os.path.isfile(path):
+                raise DarkslimError(f"{{teacher}} {path}: no such file; expected the teacher's cfg and weights",
+                                    param='teacher')
         parse_hyp(self.hyp)
         return self
 
@@ -338,6 +375,7 @@ class Run:
     ema: ModelEMA = None
     sr: BNSparsity = None
     layer_set: object = None
+    teacher: torch.nn.Module = None        # distillation's frozen teacher (never DDP-wrapped), see build_teacher
     cfg_name: str = ''
     start_epoch: int = 0
     best_fitness: float = -1.0
@@ -359,15 +397,21 @@ class Run:
 
 
 def _model_defs(cfg, ckpt, resume_path):
-    """(cfg sections, name): from the cfg path, else the cfg stored in the checkpoint being resumed."""
+    """(cfg sections, name): from the cfg path, else the cfg stored in the checkpoint being resumed, else the
+    cfg stored in the start weights (a .pt)."""
     if cfg.cfg is not None:
         return parse_cfg(cfg.cfg), cfg.cfg
     if ckpt is not None:
         defs = parse_cfg_text(ckpt['cfg'], f"{resume_path}[cfg]")
         infer_shapes(defs)
         return defs, resume_path
-    raise DarkslimError("no {cfg} given; expected a Darknet .cfg (or a last.pt to resume, which stores one)",
-                        param='cfg')
+    if cfg.weights is not None and os.path.isfile(cfg.weights):
+        if not is_torch_file(cfg.weights):
+            raise DarkslimError(f"no {{cfg}} given and {{weights}} {cfg.weights} is a darknet .weights file, which "
+                                "stores no cfg; expected {cfg} with it", param='cfg')
+        return stored_cfg(cfg.weights), f"{cfg.weights}[cfg]"
+    raise DarkslimError("no {cfg} given; expected a Darknet .cfg (or {weights} a .pt, or a last.pt to resume, "
+                        "which store one)", param='cfg')
 
 
 # cfg keys darknet trains with that this trainer does not read, and what governs that here instead ({field}:
@@ -400,8 +444,9 @@ def unused_cfg_keys(defs, names=None):
 
 
 def _load_start_weights(run, ckpt):
-    """Weights to start from: the resumed checkpoint (model, EMA, optimizer, scaler), the given weights (with
-    cutoff: the first K layers, the rest keep their init and the heads get prior biases) or prior biases alone."""
+    """Weights to start from: the resumed checkpoint (model, EMA, optimizer, scaler), the given weights (every
+    layer that fits, see models.load_transfer; with cutoff: the first K layers; the rest keep their init and the
+    heads among them get prior biases) or prior biases alone."""
     model, cfg = run.model, run.cfg
     if ckpt is not None:
         ema_state = ckpt.get('ema')
@@ -412,11 +457,15 @@ def _load_start_weights(run, ckpt):
             raise DarkslimError(f"{run.resumed_from}: already trained {run.start_epoch} epochs; expected more "
                                 f"than {run.start_epoch} epochs to continue")
         run.log(f"resuming {run.resumed_from} at epoch {run.start_epoch} (best fitness {run.best_fitness:.4f})")
-    elif cfg.weights:
+    elif cfg.weights and cfg.cutoff is not None:
         load_weights_any(model, cfg.weights, cfg.cutoff)
-        if cfg.cutoff is not None:
-            init_head_biases(model, set(range(cfg.cutoff, len(model.module_defs))))
-        run.log(f"loaded {cfg.weights}" + (f" (first {cfg.cutoff} layers)" if cfg.cutoff else ''))
+        init_head_biases(model, set(range(cfg.cutoff, len(model.module_defs))))
+        run.log(f"loaded {cfg.weights} (first {cfg.cutoff} layers)")
+    elif cfg.weights:
+        done = load_transfer(model, cfg.weights)
+        init_head_biases(model, set(done.kept))
+        types = {i: d['type'] for i, d in enumerate(model.module_defs)}
+        run.log(f"loaded {cfg.weights}" if done.exact else done.line(types))
     else:
         init_head_biases(model, set(range(len(model.module_defs))))
 
@@ -506,6 +555,8 @@ def build(cfg, device=None, rank=0, world=1, ckpt=None, resume_path=None, names=
     if cfg.sr:
         run.layer_set = get_layer_set(model.module_defs, cfg.prune)
         run.sr = BNSparsity(model, run.layer_set, cfg.s, verbose=rank == 0)
+    if cfg.teacher:
+        run.teacher = build_teacher(cfg.teacher, model, img_size, device, cfg_name, log)
     run.terms = loss_terms(run)
     if world > 1:
         run.train_model = torch.nn.parallel.DistributedDataParallel(
@@ -515,6 +566,20 @@ def build(cfg, device=None, rank=0, world=1, ckpt=None, resume_path=None, names=
         run.tb = _tensorboard(cfg, log)
     _log_start(run, batch)
     return run
+
+
+def build_teacher(teacher, student, img_size, device, student_name='the student', log=print):
+    """Distillation's teacher: (cfg, weights) `teacher` loaded on `device` (each DDP rank its own, never wrapped),
+    in eval mode with every parameter requires_grad=False; its class count and head output shapes at `img_size`
+    must be the student's (a pruned student with fewer channels is fine: the head loss compares outputs only)."""
+    t_cfg, t_weights = teacher
+    model = load_model(t_cfg, t_weights, device=device, img_size=img_size).requires_grad_(False)
+    if model.nc != student.nc:
+        raise DarkslimError(f"{{teacher}} {t_cfg} has {model.nc} classes, {student_name} {student.nc}; expected "
+                            "a teacher with the student's class count", param='teacher')
+    check_same_heads(student, model, (img_size, img_size))
+    log(f"teacher {t_cfg} + {t_weights}: {sum(p.numel() for p in model.parameters())} params, frozen")
+    return model
 
 
 def _log_start(run, batch):
@@ -578,11 +643,27 @@ def sparsity_term(sr):
     return LossTerm('sparsity', after_backward=lambda model: sr.step(), value=lambda model: sr.penalty())
 
 
+def kd_term(teacher, weight):
+    """Distillation: `weight` x distill.head_loss (objectness-weighted MSE on the raw head outputs) between the
+    student's outputs and the frozen `teacher`'s on the same (augmented, resized) batch; the teacher runs in eval
+    mode under torch.no_grad, so no gradient reaches it. Computed in float32 (also under AMP)."""
+    def loss(model, outputs, targets, imgs):
+        with torch.no_grad():
+            t = run_model(teacher, imgs, mode='eval')
+        t.raw = [r.float() for r in t.raw]
+        s = Outputs([o.float() for o in outputs], obj_is_prob=obj_is_prob(model))
+        return weight * distill_loss('head', s, t)
+    return LossTerm('kd', loss=loss)
+
+
 def loss_terms(run):
-    """The run's loss terms in results-column order: detection, then sparsity with `sr`. A new term goes here."""
+    """The run's loss terms in results-column order: detection, then sparsity with `sr`, then kd with a teacher.
+    A new term goes here."""
     terms = [detection_term(run.loss_hyp)]
     if run.sr is not None:
         terms.append(sparsity_term(run.sr))
+    if getattr(run, 'teacher', None) is not None:
+        terms.append(kd_term(run.teacher, run.cfg.kd))
     return terms
 
 
@@ -672,15 +753,21 @@ def _logged(run, loss, parts):
 
 
 def local_sparsity(run, epoch):
-    """Local s decay (cfg.sr_local, see utils.sparsity): from epoch int(sr_local_start * epochs) on, the prunable
-    channels are re-ranked before every epoch and only the sr_local smallest-|gamma| share keeps the full rate
+    """The sparsity rate of `epoch` (cfg.s_final: utils.sparsity.scheduled_rate), then local s decay
+    (cfg.sr_local, see utils.sparsity): from epoch int(sr_local_start * epochs) on, the prunable channels are
+    re-ranked before every epoch and only the sr_local smallest-|gamma| share keeps the full (scheduled) rate
     (ranked by the prune's 'gamma' importance, so that the ranking is the prune's)."""
     cfg = run.cfg
-    if run.sr is None or cfg.sr_local is None or epoch < int(cfg.sr_local_start * cfg.epochs):
+    if run.sr is None:
+        return
+    if cfg.s_final is not None:
+        run.sr.set_rate(scheduled_rate(cfg.s, cfg.s_final, epoch, cfg.epochs))
+        run.log(f"epoch {epoch} sparsity rate s={run.sr.s:g} (linear from {cfg.s:g} to {cfg.s * cfg.s_final:g})")
+    if cfg.sr_local is None or epoch < int(cfg.sr_local_start * cfg.epochs):
         return
     pressed = run.sr.local_decay(cfg.sr_local, importance=get_importance('gamma').scores)
-    run.log(f"epoch {epoch} local s decay: {pressed} of the {run.sr.channels} "
-            f"prunable channels (the smallest |gamma|) at s={cfg.s:g}, the others at {cfg.s * LOCAL_DECAY:g}")
+    run.log(f"epoch {epoch} local s decay: {pressed} of the {run.sr.channels} prunable channels (the smallest "
+            f"|gamma|) at s={run.sr.s:g}, the others at {run.sr.s * LOCAL_DECAY:g}")
 
 
 def _seed_epoch(run, epoch):
@@ -745,14 +832,18 @@ def evaluate_epoch(run, epoch):
     return res
 
 
-def sparsity_epoch(run, epoch):
-    """-sr: the |gamma| statistics of the prunable layers (printed) and their histogram PNG; None without -sr."""
+def sparsity_epoch(run, epoch, lr):
+    """-sr: the |gamma| statistics of the prunable layers and the epochs the median needs to reach 0 at this
+    epoch's rate and last learning rate `lr` (utils.sparsity.epochs_to_zero; printed) and their histogram PNG;
+    None without -sr."""
     if run.sr is None:
         return None, None
     st = sparsity_stats(run.eval_model, run.layer_set)
-    run.log(f"epoch {epoch} sparsity: " + format_stats(st))
+    steps = optimizer_steps(len(run.loader), run.cfg.accumulate)
+    need = format_needed(st['p50'], lr, run.sr.s, run.cfg.momentum, steps, left=run.cfg.epochs - 1 - epoch)
+    run.log(f"epoch {epoch} sparsity: " + format_stats(st) + "; " + need)
     path = os.path.join(run.cfg.out_dir, f"gamma_hist_epoch{epoch}.png")
-    gamma_histogram_png(run.eval_model, run.layer_set, path, title=f"epoch {epoch}, s={run.cfg.s:g}")
+    gamma_histogram_png(run.eval_model, run.layer_set, path, title=f"epoch {epoch}, s={run.sr.s:g}")
     return st, path
 
 
@@ -822,7 +913,7 @@ def save_checkpoint(run, epoch, res, improved):
 
 def _epoch_end(run, epoch, stats, summary):
     """Rank 0 after an epoch: sparsity stats, evaluation, results.csv, checkpoints; updates `summary`."""
-    st, hist = sparsity_epoch(run, epoch)
+    st, hist = sparsity_epoch(run, epoch, stats.lr)
     if hist:
         summary['gamma_histograms'].append(hist)
     t = time.time()

@@ -1,9 +1,10 @@
 """Does a pruned model's BFLOPs saving turn into speed where it is deployed? Original vs compact models, batch-1 CPU
 latency, one thread, in four runtimes: PyTorch, OpenCV DNN, onnxruntime and the original darknet.
 
-    python -m bench.deploy_bench [--runs 15] [--img-size 416] [--parts synthetic,real,demo]
+    python -m bench.deploy_bench [--runs 15] [--img-size 416] [--parts synthetic,real,demo,int8]
         [--runtimes torch,opencv,onnxruntime,darknet] [--real PRUNED_CFG PRUNED_WEIGHTS]
         [--demo-report runs/demo/report.json] [--demo-root CHECKOUT]
+        [--int8-percents 0.1,0.2] [--calib 100] [--extra NAME CFG WEIGHTS DATA ...]
 
 Model pairs (each model is written as a Darknet cfg + .weights into a temporary folder, which OpenCV and darknet
 read; onnxruntime runs utils/onnx_export.py's export of the same model):
@@ -30,7 +31,20 @@ Goal: efficiency >= 0.8 in every runtime at about 2x fewer BFLOPs. Where a pair 
 from per-layer times in that runtime (PyTorch forward hooks, OpenCV getPerfProfile, onnxruntime's profiler;
 darknet has none, so PyTorch's stands in), and the worst pair's top layers by time, original vs compact, are
 saved. The load average before and after is recorded; idle = both under 0.5 per core.
-Prints tables and writes bench/results/deploy.json (--result NAME for another name).
+Prints tables and writes bench/results/deploy.json (--result NAME for another name; `--parts int8 --result
+deploy-int8` keeps the INT8 rows apart from the rest).
+
+int8: FP32 vs INT8 in onnxruntime, latency and mAP side by side. Models: the COCO yolov3-tiny (--real-base),
+the --real pruned model when given, and tiny prunes at --int8-percents (not sparse-trained, so calibrated
+surgery: mean fold, refit, BN statistics on 64 coco128 train images; not fine-tuned), scored on coco128
+val2017 (../shared/datasets/coco128); and every `--extra NAME CFG WEIGHTS DATA` (e.g. the BCCD models; the
+first --extra of a .data file is the original its group's other rows are compared with), scored on DATA's
+valid split. Each model is exported as FP32 ONNX (utils/onnx_export.py) at --img-size (an --extra at its cfg's
+size) and quantized (utils/quantize.py, the default method, calibrated on --calib images of the train split);
+mAP@0.5 and @0.5:0.95 by test.py's evaluator (test.py --onnx: square letterbox) for both; batch-1 latency of
+both at 1 thread and at all cores (intra-op threads = os.cpu_count()), timed in alternating rounds as above.
+Goals (issue 23): a pruned INT8 model >= 3x faster than the original FP32 at 1 thread; INT8 costs <= 0.02
+mAP@0.5 on COCO, <= 0.01 on an --extra data set (BCCD).
 """
 import argparse
 import copy
@@ -54,11 +68,15 @@ from utils.errors import DarkslimError, cli_main
 from utils.onnx_export import yolo_shapes
 from utils.parse_config import write_cfg
 
-PARTS = ('synthetic', 'real', 'demo')
+PARTS = ('synthetic', 'real', 'demo', 'int8')
 RUNTIMES = ('torch', 'opencv', 'onnxruntime', 'darknet')
 REAL_BASE = (os.path.join(REPO, '..', 'shared', 'models', 'yolov3-tiny-coco', 'yolov3-tiny.cfg'),
              os.path.join(REPO, '..', 'shared', 'models', 'yolov3-tiny-coco', 'yolov3-tiny.weights'))
 EFFICIENCY_GOAL = 0.8
+COCO128 = os.path.join(REPO, '..', 'shared', 'datasets', 'coco128')
+INT8_SPEEDUP_GOAL = 3.0          # pruned + INT8 vs the original FP32, onnxruntime, 1 thread
+INT8_MAP_COST = {'coco128': 0.02, 'extra': 0.01}   # most mAP@0.5 INT8 may lose against FP32 (COCO, BCCD)
+SURGERY_IMAGES = 64              # coco128 train images behind the calibrated tiny prunes
 # max |objectness difference| from PyTorch's accepted before timing: darknet and OpenCV normalise BN by
 # sqrt(var) + 1e-6 where we use sqrt(var + 1e-5); on a trained model with tiny running variances that alone moves
 # objectness by ~1e-2 (the demo's shortcut prune in darknet: 0.0117), while a model loaded wrongly is off by O(1)
@@ -86,6 +104,13 @@ def get_args_parser():
     p.add_argument('--demo-report', default='runs/demo/report.json', help="demo.py's report.json")
     p.add_argument('--demo-root', default=REPO,
                    help="the checkout demo.py ran in: its report's paths are relative to it (default: this one)")
+    p.add_argument('--int8-percents', default='0.1,0.2',
+                   help='int8: tiny prunes of the COCO yolov3-tiny (calibrated surgery) beside the original')
+    p.add_argument('--calib', type=int, default=None,
+                   help='int8: INT8 calibration images of the train split (default: utils/quantize.py\'s)')
+    p.add_argument('--extra', nargs=4, action='append', default=[], metavar=('NAME', 'CFG', 'WEIGHTS', 'DATA'),
+                   help='int8: another model scored on DATA (repeatable; the first of a DATA is its group\'s '
+                        'original)')
     p.add_argument('--result', default='deploy', help='writes bench/results/RESULT.json')
     return p
 
@@ -588,6 +613,188 @@ def print_worst(worst):
                     f"{s['other_ms']:.1f} ms ")
 
 
+# --- int8: FP32 vs INT8 in onnxruntime, latency and mAP -------------------------------------------------------
+
+@dataclasses.dataclass
+class Int8Model:
+    """A model of the int8 part: `net` (models.Darknet, eval, CPU), the .data file it is scored (valid) and
+    calibrated (train) on, its square input side, and its group (speedups compare with the group's first)."""
+    key: str
+    group: str
+    net: object
+    data: str
+    size: int
+    source: str
+
+
+def coco128_data(tmp):
+    """A .data file for coco128: train2017 calibrates, val2017 scores; the class count from its names file."""
+    from utils.datasets import load_names
+    names = os.path.join(COCO128, 'coco.names')
+    path = os.path.join(tmp, 'coco128.data')
+    with open(path, 'w') as f:
+        f.write(f"classes = {len(load_names(names))}\ntrain = {os.path.join(COCO128, 'images', 'train2017')}\n"
+                f"valid = {os.path.join(COCO128, 'images', 'val2017')}\nnames = {names}\n")
+    return path
+
+
+def int8_percents(text):
+    try:
+        percents = [float(v) for v in text.split(',') if v.strip()]
+    except ValueError:
+        percents = None
+    if percents is None or not all(0 < p < 1 for p in percents):
+        raise DarkslimError(f"--int8-percents {text!r}; expected a comma list of fractions in (0, 1)")
+    return percents
+
+
+def coco_int8_models(args, tmp, notes):
+    """The COCO yolov3-tiny at --img-size, the pruned model of --real (when given) and the calibrated tiny
+    prunes at --int8-percents; [] when absent."""
+    import calibrate
+    cfg, weights = args.real_base
+    if not all(os.path.exists(p) for p in (cfg, weights, COCO128)):
+        notes.append(f"int8: COCO rows skipped, {cfg} / {weights} / {COCO128} absent (../shared is not part of "
+                     "a clone)")
+        return []
+    s, data = args.img_size, coco128_data(tmp)
+    net = load_model(cfg, weights, img_size=s)
+    models = [Int8Model('yolov3-tiny', 'coco128', net, data, s, f"{os.path.relpath(cfg, REPO)} + weights")]
+    if args.real:
+        models.append(Int8Model('yolov3-tiny pruned (--real)', 'coco128', load_model(*args.real, img_size=s), data,
+                                s, f"{args.real[0]} + {args.real[1]}"))
+    percents = int8_percents(args.int8_percents)
+    if percents:
+        images = calibrate.calibration_images(data, SURGERY_IMAGES, s, verbose=False)
+        ls = prune_utils.get_layer_set(net.module_defs, 'tiny', net.in_channels)
+        for pct in percents:
+            plan = prune_utils.make_plan(net, ls, 'tiny', percent=pct, min_keep=1)
+            compact, _ = calibrate.calibrated_compact(net, plan, images, verbose=False)
+            models.append(Int8Model(f'yolov3-tiny tiny {pct}', 'coco128', compact.eval(), data, s,
+                                    f"tiny prune --percent {pct} --calib {SURGERY_IMAGES} of the COCO weights "
+                                    "(calibrated surgery, not fine-tuned)"))
+    return models
+
+
+def extra_int8_models(args):
+    """--extra NAME CFG WEIGHTS DATA models at their cfg's size, grouped by DATA."""
+    models = []
+    for name, cfg, weights, data in args.extra:
+        for p in (cfg, weights, data):
+            if not os.path.isfile(p):
+                raise DarkslimError(f"--extra {name}: {p}: no such file; expected CFG WEIGHTS DATA files")
+        net = load_model(cfg, weights)
+        models.append(Int8Model(name, data, net, data, max(net.img_size), f"{cfg} + {weights}"))
+    return models
+
+
+class OrtRun:
+    """onnxruntime on one ONNX file: CPUExecutionProvider, `threads` intra-op threads, sequential."""
+
+    def __init__(self, path, threads, x):
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session = ort.InferenceSession(path, so, providers=['CPUExecutionProvider'])
+        self.feed = {'images': x}
+
+    def run(self):
+        t = time.perf_counter()
+        self.session.run(None, self.feed)
+        return time.perf_counter() - t
+
+
+def int8_export_and_score(m, tmp, calib):
+    """(FP32 path, INT8 path, {'fp32': (mAP50, mAP50_95), 'int8': ...}) of one Int8Model."""
+    from calibrate import calibration_files
+    from utils import quantize
+    from utils.evaluate import evaluate
+    from utils.onnx_export import OnnxDetector, export_onnx
+    stem = os.path.join(tmp, 'int8-' + re.sub(r'[^A-Za-z0-9_.-]+', '_', m.key))
+    fp32 = export_onnx(m.net, stem + '-fp32.onnx', img_size=(m.size, m.size)).path
+    q = quantize.quantize_onnx(fp32, stem + '-int8.onnx', calibration_files(m.data, calib), m.size)
+    maps = {}
+    for kind, path in (('fp32', fp32), ('int8', q.path)):
+        r = evaluate(OnnxDetector(path), m.data, rect=False, verbose=False)
+        maps[kind] = (r['mAP50'], r['mAP50_95'])
+    print(f"  {m.key}: mAP@0.5 FP32 {maps['fp32'][0]:.4f}, INT8 {maps['int8'][0]:.4f}", flush=True)
+    return fp32, q.path, maps
+
+
+def int8_part(args, tmp, notes):
+    """FP32 vs INT8 rows (see the module doc), or None when onnx/onnxruntime are missing or no model is
+    available. Timing: the 1-thread sessions in alternating rounds, then the all-core sessions (apart, so
+    that spinning pool threads of one do not slow the others)."""
+    from utils import quantize
+    if args.calib is not None and args.calib < 1:
+        raise DarkslimError(f"--calib {args.calib}; expected a positive number of images")
+    why = quantize.missing()
+    if why:
+        notes.append(f"int8: skipped, {why}")
+        return None
+    print("int8: building, exporting, quantizing and scoring the models", flush=True)
+    models = coco_int8_models(args, tmp, notes) + extra_int8_models(args)
+    if not models:
+        return None
+    calib = args.calib or quantize.DEFAULT_CALIB
+    threads = {'1t': 1, 'mt': os.cpu_count() or 1}
+    runners, maps = {t: {} for t in threads}, {}
+    for m in models:
+        fp32, int8, maps[m.key] = int8_export_and_score(m, tmp, calib)
+        x = torch.rand(1, m.net.in_channels, m.size, m.size, generator=torch.Generator().manual_seed(0)).numpy()
+        for kind, path in (('fp32', fp32), ('int8', int8)):
+            for t, n in threads.items():
+                runners[t][m.key, kind] = OrtRun(path, n, x)
+    med, times = {}, {}
+    for t in threads:
+        print(f"int8: timing {len(runners[t])} sessions at {threads[t]} threads", flush=True)
+        for k, v in time_alternating(runners[t], args.runs, args.warmup).items():
+            med[k + (t,)], times[k + (t,)] = statistics.median(v) * 1e3, [x * 1e3 for x in v]
+    return {'method': quantize.DEFAULT_METHOD, 'float_heads': quantize.FLOAT_HEADS, 'calib_images': calib,
+            'threads_all': threads['mt'], 'runs': args.runs,
+            'goal': {'speedup_min': INT8_SPEEDUP_GOAL, 'map50_cost_max': INT8_MAP_COST},
+            'rows': int8_rows(models, maps, med),
+            'times_ms': {f"{k[0]} {k[1]} {k[2]}": v for k, v in times.items()}}
+
+
+def int8_rows(models, maps, med):
+    """One row per model: sizes, mAP FP32 / INT8, latencies (ms), speedups and the goals."""
+    rows, first = [], {}
+    for m in models:
+        orig = first.setdefault(m.group, m.key)
+        (f50, f95), (q50, q95) = maps[m.key]['fp32'], maps[m.key]['int8']
+        ms = {f'{kind}_{t}_ms': med[m.key, kind, t] for kind in ('fp32', 'int8') for t in ('1t', 'mt')}
+        vs_orig = med[orig, 'fp32', '1t'] / ms['int8_1t_ms']
+        cost_max = INT8_MAP_COST['coco128' if m.group == 'coco128' else 'extra']
+        params, bflops = model_info(m.net.defs, m.size, m.size)
+        rows.append({'model': m.key, 'group': m.group, 'original': orig, 'source': m.source, 'img_size': m.size,
+                     'params': params, 'bflops': bflops, 'mAP50_fp32': f50, 'mAP50_int8': q50,
+                     'mAP50_95_fp32': f95, 'mAP50_95_int8': q95, 'mAP50_cost': f50 - q50, **ms,
+                     'int8_speedup_1t': ms['fp32_1t_ms'] / ms['int8_1t_ms'],
+                     'int8_speedup_mt': ms['fp32_mt_ms'] / ms['int8_mt_ms'],
+                     'int8_vs_original_fp32_1t': vs_orig,
+                     'map_cost_met': f50 - q50 <= cost_max,
+                     'speedup_met': None if m.key == orig else vs_orig >= INT8_SPEEDUP_GOAL})
+    return rows
+
+
+def print_int8(res):
+    n = res['threads_all']
+    table = [['model', 'BFLOPs', 'mAP@0.5 FP32 -> INT8', 'cost ok', 'FP32 1t ms', 'INT8 1t ms', f'FP32 {n}t ms',
+              f'INT8 {n}t ms', 'INT8 speedup 1t', f'INT8 speedup {n}t', 'vs original FP32 1t']]
+    for r in res['rows']:
+        goal = '' if r['speedup_met'] is None else \
+            f" ({'>=' if r['speedup_met'] else 'NO, <'} {INT8_SPEEDUP_GOAL:g}x)"
+        table.append([r['model'], f"{r['bflops']:.2f}", f"{r['mAP50_fp32']:.4f} -> {r['mAP50_int8']:.4f}",
+                      'yes' if r['map_cost_met'] else 'NO', f"{r['fp32_1t_ms']:.1f}", f"{r['int8_1t_ms']:.1f}",
+                      f"{r['fp32_mt_ms']:.1f}", f"{r['int8_mt_ms']:.1f}", f"{r['int8_speedup_1t']:.2f}x",
+                      f"{r['int8_speedup_mt']:.2f}x", f"{r['int8_vs_original_fp32_1t']:.2f}x{goal}"])
+    print_table(table, f" onnxruntime FP32 vs INT8, batch 1, median of {res['runs']} rounds ")
+    print(f"INT8: {res['method']} calibration on {res['calib_images']} train images; speedups of a group's other "
+          f"rows against its first (original) model's FP32 at 1 thread")
+
+
 def build_models(args, parts, tmp, notes):
     models, pairs = {}, []
     if 'synthetic' in parts:
@@ -611,19 +818,24 @@ def main(args):
         print("building and writing the models", flush=True)
         models, pairs = build_models(args, parts, tmp, notes)
         runners, checks = load_runners(models, runtimes, tmp, notes)
-        print(f"timing {len(runners)} (model, runtime) runners: {args.warmup} warm-up + {args.runs} rounds",
-              flush=True)
+        if runners:
+            print(f"timing {len(runners)} (model, runtime) runners: {args.warmup} warm-up + {args.runs} rounds",
+                  flush=True)
         t_timing = time.perf_counter()
-        times = time_alternating(runners, args.runs, args.warmup)
+        times = time_alternating(runners, args.runs, args.warmup) if runners else {}
         timing_s = time.perf_counter() - t_timing
         medians = {k: statistics.median(v) for k, v in times.items()}
         rows = pair_rows(pairs, models, medians, runtimes)
         worst = explain(rows, runners, models)
         for r in runners.values():
             r.close()
+        int8 = int8_part(args, tmp, notes) if 'int8' in parts else None
     end = load_average()
-    print_results(rows, checks, models, f" batch 1, 1 thread, median of {args.runs} alternating rounds ")
-    print_worst(worst)
+    if models:
+        print_results(rows, checks, models, f" batch 1, 1 thread, median of {args.runs} alternating rounds ")
+        print_worst(worst)
+    if int8:
+        print_int8(int8)
     for n in notes:
         print(f"note: {n}")
     cores = os.cpu_count() or 1
@@ -639,7 +851,7 @@ def main(args):
                       for k, m in models.items()},
            'pairs': rows, 'met_everywhere': bool(rows) and all(r['met'] for r in rows),
            'agreement': [dataclasses.asdict(c) for c in checks], 'worst_case_profile': worst, 'notes': notes,
-           'seconds': {'total': time.perf_counter() - t0, 'timing': timing_s}, 'idle': idle}
+           'int8': int8, 'seconds': {'total': time.perf_counter() - t0, 'timing': timing_s}, 'idle': idle}
     write_result(args.result, out, load)
     return 0
 

@@ -1,7 +1,9 @@
 """Shared test helpers: small cfgs built in code, random-but-sane weights, the shared reference folder, the
 reference runtimes (OpenCV's Darknet importer, libdarknet, pycocotools), pruning fixtures and oracle detectors."""
+import contextlib
 import copy
 import math
+import os
 from pathlib import Path
 
 import cv2
@@ -464,3 +466,23 @@ def head_decoding(model):
     """Per [yolo] head of a models.Darknet, its (scale_x_y, new_coords): how the [yolo] layer maps its input
     (utils.darknet_lib.to_darknet_space)."""
     return [(model.module_list[i].scale_x_y, model.module_list[i].new_coords) for i in model.yolo_layers]
+
+
+@contextlib.contextmanager
+def interrupted_after_first_last_pt(monkeypatch):
+    """Inside: a training run stops with KeyboardInterrupt ("Ctrl-C") right after its first last.pt is on disk
+    (expected: the block raises it); afterwards models.save_checkpoint is the real one again."""
+    import models
+    real_save = models.save_checkpoint
+
+    def save_then_interrupt(path, model, **extra):
+        real_save(path, model, **extra)
+        if os.path.basename(path) == 'last.pt':
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, 'save_checkpoint', save_then_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(models, 'save_checkpoint', real_save)

@@ -5,7 +5,6 @@ Each walker is checked against values worked out by hand on a small cfg; a repla
 wrote it (byte for byte); the CLI's flags against the library's parameter names.
 """
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ import torch
 
 import channels
 import layer_prune
-import prune_utils
 import pruning
 import shortcut_prune
 import tiny_prune
@@ -23,7 +21,6 @@ from prune_utils import get_layer_set, make_plan
 from tests.helpers import ANCHORS6, conv, max_diff, mini_tiny, mini_yolov3, randomize_, raw_outputs, write, yolo
 from utils.darknet_weights import save_weights
 from utils.errors import DarkslimError, cli_main
-from utils.parse_config import write_cfg
 
 from tests.helpers import one_thread  # noqa: F401 (autouse: one intra-op thread in this file)
 

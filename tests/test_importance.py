@@ -15,7 +15,7 @@ import prune_utils
 import tiny_prune
 from models import Darknet
 from prune_utils import get_layer_set, loose_model, make_plan
-from tests.helpers import ANCHORS6, REPO, conv, mini_tiny, narrow_defs, randomize_, write, yolo
+from tests.helpers import ANCHORS6, REPO, conv, narrow_defs, randomize_, write, yolo
 from utils.darknet_weights import save_weights
 from utils.errors import DarkslimError, cli_main
 

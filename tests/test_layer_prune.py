@@ -67,7 +67,7 @@ def custom_cfg(nc=NC):
 def one_by_one_blocks_cfg(nc=NC):
     """Two blocks whose constants reach only 1x1 convs: through [shortcut] 6, [maxpool] 7, [route] 11 and
     [upsample] 10 - so folding act(beta) is exact everywhere, borders included."""
-    s = f"[net]\nwidth=64\nheight=64\nchannels=3\n\n"
+    s = "[net]\nwidth=64\nheight=64\nchannels=3\n\n"
     s += conv(16, 3, 2)                                     # 0
     s += conv(8, 1) + conv(16, 3) + shortcut(-3)            # 1 2 3     block 3 <- 0
     s += conv(8, 1) + conv(16, 3) + shortcut(-3)            # 4 5 6     block 6 <- 3 (its conv 4 is 1x1)

@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-import models
 import train as train_module
 import training
 from data.make_shapes import make_shapes
 from importance import get_importance
 from models import Darknet, load_model
 from prune_utils import get_layer_set
-from tests.helpers import REPO, mini_tiny, mini_yolov3, write
+from tests.helpers import REPO, interrupted_after_first_last_pt, mini_tiny, mini_yolov3, write
 from utils.errors import DarkslimError
 from utils.loss import DEFAULT_HYP, build_targets, compute_loss
 from utils.parse_config import infer_shapes, parse_cfg_text
@@ -408,17 +407,8 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path, sha
     common = ['--cfg', tiny5, '--data', shapes, '--img-size', 64, '--batch-size', 4, '--workers', 0, '--seed', 1]
     full = run_train(*common, '--epochs', 2, '--out-dir', tmp_path / 'full')
 
-    real_save = models.save_checkpoint
-
-    def save_then_interrupt(path, model, **extra):  # "Ctrl-C" right after the first last.pt is on disk
-        real_save(path, model, **extra)
-        if os.path.basename(path) == 'last.pt':
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(models, 'save_checkpoint', save_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after_first_last_pt(monkeypatch):
         run_train(*common, '--epochs', 2, '--out-dir', tmp_path / 'cut')
-    monkeypatch.setattr(models, 'save_checkpoint', real_save)
     ckpt = torch.load(tmp_path / 'cut' / 'last.pt', weights_only=True)
     assert ckpt['epoch'] == 0 and ckpt['optimizer']['state']  # momentum buffers saved
 

@@ -9,6 +9,12 @@ Speed: by default images are batched by aspect ratio and each batch is letterbox
 rectangle (utils.datasets.rect_batches; rect=False: every image to an img_size square), loaded by worker
 processes while the model runs, and fed in channels-last memory format (faster convolutions on CPU and CUDA).
 Results are gathered per image and scored in data-set order, so they do not depend on the batching.
+
+Backends: the evaluator runs a detector through a small interface (TorchDetector here; OnnxDetector in
+utils/onnx_export.py runs an exported FP32 or INT8 model in onnxruntime): `nc`, `device`, `img_size`,
+`fixed_hw` (None, or the (h, w) a fixed-size model takes: then the square letterbox is the only one it fits),
+`running()` (the evaluation context) and `detections(imgs)` -> [B, N, 5 + nc]. Letterbox, NMS, matching and
+metrics are this module's, the same for every backend, so their mAPs are comparable.
 """
 import contextlib
 import json
@@ -40,7 +46,7 @@ def model_device(model):
 
 def input_size(model, img_size=None):
     """Square letterbox side: `img_size`, or by default the model's input size max(h, w) (Darknet.img_size, the
-    cfg's [net] height and width); a positive multiple of 32."""
+    cfg's [net] height and width, or a detector backend's img_size); a positive multiple of 32."""
     if img_size is not None:
         return check_img_size(img_size)
     hw = getattr(de_parallel(model), 'img_size', None)
@@ -50,12 +56,54 @@ def input_size(model, img_size=None):
     return int(max(hw))
 
 
-def inference(model, imgs, augment=False):
-    """Decoded detector output [B, N, 5 + nc] (cx, cy, w, h in input pixels). augment: also run on the
-    left-right flipped batch and append its boxes mapped back (cx -> W - cx), leaving the merge to NMS."""
-    out = model(imgs)[0]
+class TorchDetector:
+    """A PyTorch detector as the evaluator's backend: models.Darknet, or any nn.Module with `.nc` whose eval
+    forward returns (decoded [B, N, 5 + nc], ...), used on its own device. running(): eval mode and no_grad,
+    the model's mode restored after (it is never modified). detections(): channels-last input (oneDNN and
+    cuDNN run these convolutions faster than NCHW), fp16 autocast with `half` (CUDA), float32 out."""
+    fixed_hw = None   # any multiple of the model's largest stride
+
+    def __init__(self, model, half=False):
+        plain = de_parallel(model)
+        self.model, self.nc, self.half = model, plain.nc, half
+        self.device = model_device(model)
+        self.img_size = getattr(plain, 'img_size', None)
+
+    def __repr__(self):
+        return type(de_parallel(self.model)).__name__
+
+    @contextlib.contextmanager
+    def running(self):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                yield self
+        finally:
+            self.model.train(was_training)
+
+    def detections(self, imgs):
+        imgs = imgs.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.autocast('cuda', dtype=torch.float16) if self.half else contextlib.nullcontext():
+            out = self.model(imgs)[0]
+        out = out.float()  # NMS and box arithmetic in float32 also after fp16 autocast
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+        return out
+
+
+def as_detector(model, half=False):
+    """`model` as an evaluator backend: a backend (anything with `detections`) as it is, an nn.Module wrapped in
+    TorchDetector."""
+    return model if hasattr(model, 'detections') else TorchDetector(model, half)
+
+
+def inference(detector, imgs, augment=False):
+    """Decoded detector output [B, N, 5 + nc] (cx, cy, w, h in input pixels) of a backend. augment: also run
+    on the left-right flipped batch and append its boxes mapped back (cx -> W - cx), leaving the merge to NMS."""
+    out = detector.detections(imgs)
     if augment:
-        flipped = model(imgs.flip(3))[0].clone()
+        flipped = detector.detections(imgs.flip(3)).clone()
         flipped[..., 0] = imgs.shape[3] - flipped[..., 0]
         out = torch.cat((out, flipped), 1)
     return out
@@ -86,11 +134,13 @@ def evaluate(model, data, img_size=None, batch_size=16, conf_thres=0.001, iou_th
      nms_seconds}.
 
     model: a models.Darknet (any nn.Module with `.nc` whose eval forward returns (inference [B, N, 5+nc], ...)),
-    used as is on its own device, in eval mode, restored to its previous mode afterwards (never modified).
+    used as is on its own device, in eval mode, restored to its previous mode afterwards (never modified); or
+    a detector backend (module doc), e.g. utils.onnx_export.OnnxDetector.
     img_size: letterbox long side; None = the model's input size max(h, w) (see input_size).
     rect: rectangular batches (module doc; rect_pad extra strides per batch, ultralytics uses 0.5); False:
-    square letterbox. workers: loader processes, None = default_workers(batch_size). half: fp16 autocast of
-    the forward pass (CUDA only). skip_bad_labels: drop bad label rows (counted) instead of stopping.
+    square letterbox (the only one a fixed-size backend takes: it must be square and img_size its side).
+    workers: loader processes, None = default_workers(batch_size). half: fp16 autocast of the forward pass
+    (CUDA only). skip_bad_labels: drop bad label rows (counted) instead of stopping.
     dataloader: optional, yielding LoadImagesAndLabels.collate_fn batches (any batching and order; images are
     put back in the order of dataloader.dataset.img_files, else taken in arrival order).
     save_json / report: paths written atomically. JSON ids: image_id = numeric file stem when every stem is one,
@@ -99,21 +149,17 @@ def evaluate(model, data, img_size=None, batch_size=16, conf_thres=0.001, iou_th
     """
     data_path = os.fspath(data)
     data_cfg = parse_data_cfg(data_path, need=('classes', 'valid'))
-    nc = de_parallel(model).nc
-    names = check_classes(data_cfg, nc, data_path, f"the model ({type(model).__name__})")
-    dev = model_device(model)
-    if half and dev.type != 'cuda':
-        raise DarkslimError(f"half precision needs the model on a CUDA device; it is on {dev}")
+    det = as_detector(model, half)
+    nc = det.nc
+    names = check_classes(data_cfg, nc, data_path, f"the model ({det!r})")
+    if half and det.device.type != 'cuda':
+        raise DarkslimError(f"half precision needs the model on a CUDA device; it is on {det.device}")
     if dataloader is None:
-        dataloader = _loader(data_cfg, input_size(model, img_size), batch_size, workers, rect, rect_pad,
-                             skip_bad_labels, pin=dev.type == 'cuda')
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            images, times = _collect(model, dataloader, Thresholds(conf_thres, iou_thres, max_det), augment, half)
-    finally:
-        model.train(was_training)
+        size = _letterbox_size(det, img_size, rect)
+        dataloader = _loader(data_cfg, size, batch_size, workers, rect, rect_pad, skip_bad_labels,
+                             pin=det.device.type == 'cuda')
+    with det.running():
+        images, times = _collect(det, dataloader, Thresholds(conf_thres, iou_thres, max_det), augment)
     stats = DetectionStats()
     for im in images:  # data-set order: ties in score break as in COCOeval
         stats.update(im.pred, im.labels)
@@ -137,6 +183,23 @@ def evaluate(model, data, img_size=None, batch_size=16, conf_thres=0.001, iou_th
         if report is not None:
             print(f"wrote {report}")
     return result
+
+
+def _letterbox_size(det, img_size, rect):
+    """The letterbox side for backend `det`: input_size(); a fixed-size backend takes only its own square."""
+    if det.fixed_hw is None:
+        return input_size(det, img_size)
+    h, w = det.fixed_hw
+    if h != w or h % 32:
+        raise DarkslimError(f"{det!r}: fixed input {h}x{w}; expected a square multiple of 32, or a model with "
+                            "dynamic height and width")
+    if rect:
+        raise DarkslimError(f"{det!r}: fixed input {h}x{w} takes the square letterbox only; expected rect=False "
+                            "(or a model with dynamic height and width)", param='rect')
+    if img_size is not None and img_size != h:
+        raise DarkslimError(f"img size {img_size}; {det!r} has a fixed {h}x{w} input, expected {h}",
+                            param='img_size')
+    return h
 
 
 @dataclass
@@ -191,20 +254,13 @@ class _ImageOrder:
         return k, self.ids[k] if k < len(self.ids) else k
 
 
-def _collect(model, dataloader, th, augment, half):
-    """Run the model over the loader: (ImageResult list in data-set order, {'start', 'inference', 'nms'})."""
-    dev = model_device(model)
+def _collect(det, dataloader, th, augment):
+    """Run backend `det` over the loader: (ImageResult list in data-set order, {'start', 'inference', 'nms'})."""
     order = _ImageOrder(getattr(getattr(dataloader, 'dataset', None), 'img_files', None))
     found, times = {}, {'inference': 0.0, 'nms': 0.0, 'start': time.perf_counter()}
     for imgs, targets, paths, shapes in dataloader:
-        # channels-last [B, 3, H, W]: oneDNN (CPU) and cuDNN run these convolutions faster than NCHW
-        imgs = imgs.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
         t0 = time.perf_counter()
-        with torch.autocast('cuda', dtype=torch.float16) if half else contextlib.nullcontext():
-            out = inference(model, imgs, augment)
-        out = out.float()  # NMS and box arithmetic in float32 also after fp16 autocast
-        if dev.type == 'cuda':
-            torch.cuda.synchronize(dev)
+        out = inference(det, imgs, augment)
         t1 = time.perf_counter()
         preds = [p.cpu() for p in non_max_suppression(out, th.conf, th.iou, th.max_det)]
         times['nms'] += time.perf_counter() - t1

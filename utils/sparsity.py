@@ -18,8 +18,24 @@ then on only the `share` smallest keep the full rate; the others get LOCAL_DECAY
 will keep stop being pushed toward zero and can take over the work of the ones that still are. Call it again to
 re-rank.
 
+A schedule: `scheduled_rate(s, final, epoch, epochs)` decays the rate linearly from s (first epoch) to s * final
+(last epoch) (YOLOv8 pruning's L1 start -> end, tanluren's global s decay); `sr.set_rate(rate)` before each epoch.
+Combined with local decay, the scheduled rate is the pressed channels' rate and factor * rate the others'.
+
+How long sparsifying takes (`epochs_to_zero`): the optimizer (training.build_optimizer) is PyTorch SGD without
+weight decay on the gammas, momentum mu (Nesterov when mu > 0), dampening 0: with b the momentum buffer and g
+the gradient, b <- mu * b + g and the step is lr * (g + mu * b) (lr * g when mu = 0). The L1 subgradient alone,
+g = s * sign(gamma), is constant while gamma keeps its sign, so b -> s / (1 - mu) and every step moves gamma by
+lr * s / (1 - mu) toward 0 (the first steps less: after n steps from an empty buffer the total is
+lr * s / (1 - mu) * (n - mu^2 (1 - mu^n) / (1 - mu)), a lag of mu^2 / (1 - mu) ~ 14 steps at mu = 0.937, left
+out). A gamma of size g thus needs about g * (1 - mu) / (lr * s) optimizer steps, ceil(batches / accumulate) of
+them per epoch. The detection loss's own gradient on gamma is not counted: it holds the useful gammas up, so a
+run needs longer for most of them. (Past 0 the subgradient turns and gamma hovers around 0 by about one step.)
+
 Bad values (a negative rate, a share outside (0, 1], a layer without BatchNorm) raise utils.errors.DarkslimError.
 """
+import math
+
 import numpy as np
 import torch
 
@@ -55,7 +71,8 @@ class BNSparsity:
         self.layers = sorted(layer_set.prunable)
         self.excluded = dict(layer_set.excluded)
         self.bns = bn_modules(model, self.layers)
-        self.rates = None  # {layer: per-channel rate [C]} once local_decay() ran; None: s everywhere
+        self.pressed = None  # {layer: bool [C], True: full rate} once local_decay() ran; None: s everywhere
+        self.factor = LOCAL_DECAY
         if verbose:
             print(self.describe())
 
@@ -84,12 +101,26 @@ class BNSparsity:
         scores = (importance or _abs_gamma)(self.model, self.layers)
         g = np.concatenate([np.asarray(scores[i]).ravel() for i in self.layers])
         cut = np.sort(g)[max(1, round(share * g.size)) - 1]  # the largest score still pressed
-        self.rates = {i: torch.where(torch.from_numpy(np.asarray(scores[i]) <= cut).to(bn.weight.device),
-                                     self.s, self.s * factor) for i, bn in self.bns.items()}
+        self.pressed = {i: torch.from_numpy(np.asarray(scores[i]) <= cut).to(bn.weight.device)
+                        for i, bn in self.bns.items()}
+        self.factor = factor
         return int((g <= cut).sum())
 
+    def set_rate(self, s):
+        """A new rate s (a schedule's, see scheduled_rate); after local_decay() the pressed channels get s, the
+        others factor * s."""
+        if s < 0:
+            raise DarkslimError(f"sparsity rate s={s}; expected >= 0")
+        self.s = float(s)
+
+    @property
+    def rates(self):
+        """{layer: per-channel rate [C]} once local_decay() ran (s where pressed, factor * s elsewhere); None
+        before (s everywhere)."""
+        return None if self.pressed is None else {i: self._rate(i) for i in self.pressed}
+
     def _rate(self, i):
-        return self.s if self.rates is None else self.rates[i]
+        return self.s if self.pressed is None else torch.where(self.pressed[i], self.s, self.s * self.factor)
 
     @torch.no_grad()
     def step(self):
@@ -144,3 +175,42 @@ def gamma_histogram_png(model, layer_set, path, title='', bins=60):
     atomically to `path` (PNG); returns (counts, edges) as numpy arrays."""
     from utils.plots import gamma_histogram
     return gamma_histogram(prunable_gammas(model, layer_set), path, title, SMALL_GAMMA, bins)
+
+
+def scheduled_rate(s, final, epoch, epochs):
+    """The sparsity rate of `epoch` (0-based) of `epochs`: s throughout when `final` is None, else linear from s
+    at the first epoch to s * final at the last, s * (1 + (final - 1) * epoch / (epochs - 1)) (s for one epoch)."""
+    if final is None or epochs <= 1:
+        return float(s)
+    return float(s) * (1 + (final - 1) * epoch / (epochs - 1))
+
+
+def optimizer_steps(batches, accumulate):
+    """Optimizer steps in an epoch of `batches` batches, one per `accumulate` batches and one after the last."""
+    return math.ceil(batches / accumulate)
+
+
+def epochs_to_zero(gamma, lr, s, momentum, steps_per_epoch):
+    """Epochs the L1 subgradient alone needs to move a BN gamma of size `gamma` to 0 with learning rate `lr`,
+    rate `s` and SGD `momentum`, `steps_per_epoch` optimizer steps per epoch:
+    gamma * (1 - momentum) / (lr * s) / steps_per_epoch (see the module docstring); inf when nothing moves it."""
+    per_step = lr * s / (1 - momentum) if momentum < 1 else 0.0
+    if per_step <= 0 or steps_per_epoch <= 0:
+        return math.inf
+    return abs(gamma) / per_step / steps_per_epoch
+
+
+def _approx(x):
+    """x >= 0 to 3 significant digits, without an exponent (10400, 420, 4.23, 0.0423)."""
+    r = float(f"{x:.3g}")
+    return f"{r:.0f}" if r >= 100 else f"{r:g}"
+
+
+def format_needed(gamma, lr, s, momentum, steps_per_epoch, left=None):
+    """'median |gamma| 1.65 needs ~10400 epochs to reach 0 at s=0.001, lr=0.01 (momentum 0.937, 1 optimizer
+    step/epoch)' (epochs_to_zero), with ', N epochs left' when `left` is given."""
+    e = epochs_to_zero(gamma, lr, s, momentum, steps_per_epoch)
+    need = 'never reaches 0' if math.isinf(e) else f"needs ~{_approx(e)} epochs to reach 0"
+    tail = '' if left is None else f", {left} epochs left"
+    return (f"median |gamma| {gamma:.4g} {need} at s={s:g}, lr={lr:.3g} (momentum {momentum:g}, "
+            f"{steps_per_epoch} optimizer step/epoch{tail})")
