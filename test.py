@@ -45,6 +45,9 @@ def get_args_parser():
     p.add_argument('--threads', type=int, default=None,
                    help='--onnx: onnxruntime intra-op threads (default: one per physical core)')
     p.add_argument('--data', required=True, help='.data file; its valid= images are evaluated')
+    p.add_argument('--split', default='valid', choices=('valid', 'test', 'train'),
+                   help="which list of the .data file to evaluate: valid= (default), test= (a split kept apart, "
+                        "e.g. data/convert.py's), train=")
     p.add_argument('--img-size', type=int, default=None,
                    help="letterbox long side (multiple of 32); default: the cfg's max(width, height)")
     p.add_argument('--batch-size', type=int, default=16)
@@ -76,7 +79,7 @@ def main(args):
     return evaluate(model, args.data, img_size=args.img_size, batch_size=args.batch_size,
                     conf_thres=args.conf_thres, iou_thres=args.iou_thres, max_det=args.max_det,
                     save_json=args.save_json, report=args.report, workers=args.workers, augment=args.augment,
-                    rect=not square, half=args.half, skip_bad_labels=args.skip_bad_labels)
+                    rect=not square, half=args.half, skip_bad_labels=args.skip_bad_labels, split=args.split)
 
 
 def torch_model(args):

@@ -62,14 +62,14 @@ def load_average():
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def write_result(name, payload, load_start):
-    """Write bench/results/<name>.json atomically: `payload` plus machine, date (UTC ISO), git commit and the
-    load average at `load_start` (taken before measuring) and now. Returns the path."""
+def write_result(name, payload, load_start, folder=RESULTS):
+    """Write <folder>/<name>.json (default bench/results) atomically: `payload` plus machine, date (UTC ISO), git
+    commit and the load average at `load_start` (taken before measuring) and now. Returns the path."""
     from utils.io import write_text_atomic
     out = {'name': name, 'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
            'git_commit': git_commit(), 'machine': machine_info(),
            'load_average': {'start': load_start, 'end': load_average()}, **payload}
-    path = os.path.join(RESULTS, f'{name}.json')
+    path = os.path.join(folder, f'{name}.json')
     write_text_atomic(path, json.dumps(out, indent=2, default=str) + '\n')
     print(f"wrote {os.path.relpath(path)}")
     return path

@@ -291,6 +291,25 @@ def test_cli_bad_data_file_is_one_line_exit_2(tiny_pt, tmp_path):
     assert str(bad) in r.stderr and 'valid' in r.stderr
 
 
+def test_split_test_evaluates_the_test_list_as_if_it_were_valid(shapes, tiny_pt, tmp_path):
+    data, files, _, _ = shapes
+    root = os.path.dirname(data)
+    (tmp_path / 'held.txt').write_text('\n'.join(files[:5]) + '\n')
+    (tmp_path / 'three.data').write_text(f"classes = {NC}\ntrain = {files[-1]}\nvalid = {files[-1]}\n"
+                                         f"test = held.txt\nnames = {root}/shapes.names\n")
+    (tmp_path / 'as-valid.data').write_text(f"classes = {NC}\nvalid = held.txt\nnames = {root}/shapes.names\n")
+    reports = []
+    for data_file, split in (('three.data', 'test'), ('as-valid.data', 'valid')):
+        report = tmp_path / f"{split}.json"
+        r = _run('test.py', '--weights', tiny_pt[1], '--data', tmp_path / data_file, '--split', split,
+                 '--img-size', 64, '--conf-thres', 0.05, '--report', report)
+        assert r.returncode == 0, r.stderr
+        reports.append(json.loads(report.read_text()))
+    assert reports[0]['images'] == 5
+    assert {k: reports[0][k] for k in ('mAP50', 'mAP50_95', 'targets')} == \
+        {k: reports[1][k] for k in ('mAP50', 'mAP50_95', 'targets')}
+
+
 # ------------------------------------------------------------------------------------------------ detect.py
 
 def test_detect_maps_boxes_back_to_original_pixels(shapes, tmp_path):

@@ -125,8 +125,9 @@ def default_workers(batch_size):
 
 def evaluate(model, data, img_size=None, batch_size=16, conf_thres=0.001, iou_thres=0.6, max_det=300,
              dataloader=None, save_json=None, report=None, verbose=True, workers=None, augment=False, rect=True,
-             rect_pad=0.0, half=False, skip_bad_labels=False):
-    """Evaluate `model` on the `valid` images of .data file `data`; returns a JSON-ready dict
+             rect_pad=0.0, half=False, skip_bad_labels=False, split='valid'):
+    """Evaluate `model` on the `split` images (default `valid`; `test` for a held-out test list) of .data file
+    `data`; returns a JSON-ready dict
 
     {precision, recall, f1, mAP50, mAP50_95 (means over classes with labels), per_class: [{class, name, images,
      targets, precision, recall, f1, ap50, ap50_95}], images, seconds (wall time of the whole evaluation loop:
@@ -148,7 +149,10 @@ def evaluate(model, data, img_size=None, batch_size=16, conf_thres=0.001, iou_th
     else the class index (utils.metrics.coco_image_ids / coco_category_ids).
     """
     data_path = os.fspath(data)
-    data_cfg = parse_data_cfg(data_path, need=('classes', 'valid'))
+    if split not in ('valid', 'test', 'train'):
+        raise DarkslimError(f"{{split}} {split!r}; expected valid, test or train", param='split')
+    data_cfg = parse_data_cfg(data_path, need=('classes', split))
+    data_cfg = {**data_cfg, 'valid': data_cfg[split]}
     det = as_detector(model, half)
     nc = det.nc
     names = check_classes(data_cfg, nc, data_path, f"the model ({det!r})")

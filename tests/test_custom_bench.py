@@ -1,0 +1,82 @@
+"""bench/custom_bench.py at toy size: a generated VOC dataset and a small random detector go through the bench's
+whole code path (convert, transfer, sparse training with and without a teacher, prunes by parameter share,
+post-training prune, fine-tuning, test-split evaluation, darknet/OpenCV checks, the side-by-side picture)."""
+import json
+
+import cv2
+import numpy as np
+import torch
+
+from bench import custom_bench
+from models import Darknet, load_model
+from tests.helpers import mini_tiny, randomize_, write
+from utils.darknet_weights import save_weights
+
+CLASSES = ('cell', 'dot')
+SPLITS = {'train': 4, 'val': 2, 'test': 2}
+
+
+def voc_root(root, size=96):
+    """JPEGImages/Annotations/ImageSets/Main for SPLITS: grey images with a bright box and a dark disc each."""
+    for sub in ('JPEGImages', 'Annotations', 'ImageSets/Main'):
+        (root / sub).mkdir(parents=True)
+    k = 0
+    for split, n in SPLITS.items():
+        stems = []
+        for _ in range(n):
+            stem = f"img{k:02d}"
+            img = np.full((size, size, 3), 120, np.uint8)
+            x = 10 + 7 * k % 40
+            cv2.rectangle(img, (x, 20), (x + 30, 50), (250, 250, 250), -1)
+            cv2.circle(img, (70, 70), 10, (10, 10, 10), -1)
+            cv2.imwrite(str(root / 'JPEGImages' / f"{stem}.jpg"), img)
+            objs = [('cell', (x, 20, x + 30, 50)), ('dot', (60, 60, 80, 80))]
+            xml = ''.join(f"<object><name>{c}</name><difficult>0</difficult><bndbox><xmin>{b[0]}</xmin>"
+                          f"<ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+                          for c, b in objs)
+            (root / 'Annotations' / f"{stem}.xml").write_text(
+                f"<annotation><filename>{stem}.jpg</filename><size><width>{size}</width><height>{size}</height>"
+                f"<depth>3</depth></size>{xml}</annotation>")
+            stems.append(stem)
+            k += 1
+        (root / 'ImageSets' / 'Main' / f"{split}.txt").write_text('\n'.join(stems) + '\n')
+    return root
+
+
+def test_the_bench_runs_end_to_end_at_toy_size(tmp_path):
+    voc = voc_root(tmp_path / 'voc')
+    base_cfg = write(tmp_path, 'base.cfg', mini_tiny(nc=4))           # a 4-class "COCO" model -> 2 classes
+    base = randomize_(Darknet(str(base_cfg)))
+    save_weights(base, tmp_path / 'base.weights')
+    picture = tmp_path / 'side.png'
+    args = custom_bench.get_args_parser().parse_args([
+        '--voc', str(voc), '--base-cfg', str(base_cfg), '--base-weights', str(tmp_path / 'base.weights'),
+        '--img-size', '96', '--epochs', '1', '--ft-epochs', '1', '--batch-size', '2', '--calib', '2',
+        '--min-keep', '1', '--latency-runs', '1', '--threads', '1', '--work-dir', str(tmp_path / 'work'),
+        '--results-dir', str(tmp_path), '--picture', str(picture)])
+    n = torch.get_num_threads()
+    try:
+        assert custom_bench.main(args) == 0
+    finally:
+        torch.set_num_threads(n)
+    rows = {r['name']: r for r in json.loads((tmp_path / 'custom.json').read_text())['rows']}
+    work = tmp_path / 'work'
+    params = {k: sum(p.numel() for p in load_model(str(work / r['cfg']), str(work / r['weights'])).parameters())
+              for k, r in rows.items()}
+    for share in (0.5, 0.7):
+        for name in (f"sparse-{share:g}", f"sparse-kd-{share:g}", f"sparse-{share:g}-ft", f"sparse-{share:g}-ft-kd",
+                     f"sparse-kd-{share:g}-ft-kd", f"post-{share:g}-ft-kd"):
+            assert params[name] == rows[name]['params']                  # counted from the written files
+        assert params[f"sparse-{share:g}"] <= (1 - share) * params['dense']
+    assert rows['dense']['params'] == params['dense']
+    for r in rows.values():                                              # every model read the test split once
+        assert 0 <= r['test']['mAP50'] <= 1 and r['latency_ms'] > 0
+        if r['name'].endswith(('-ft', '-ft-kd')):
+            assert r['darknet']['opencv_max_diff'] < 2e-3
+            dk, ab = r['darknet']['darknet'], r['darknet']['alexeyab']   # each one that could run here
+            if isinstance(ab, dict):
+                assert ab['yolo_max_diff'] < 1e-3
+            if isinstance(dk, dict):      # the 2018 darknet adds BN eps 1e-6 outside the root: 1e-3 needs var >= 0.5
+                assert dk['yolo_max_diff'] < 1e-2
+    img = cv2.imread(str(picture))
+    assert img.shape[1] == 2 * 96                                        # dense | pruned, the test image's width
