@@ -26,6 +26,7 @@ the end, never to choose anything.
 Writes bench/results/custom.json.
 """
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -72,7 +73,7 @@ def get_args_parser():
     p.add_argument('--lr0', type=float, default=0.01, help='learning rate of the dense and sparse runs')
     p.add_argument('--ft-lr0', type=float, default=0.005, help='learning rate of the fine-tuning runs')
     p.add_argument('--batch-size', type=int, default=16)
-    p.add_argument('--s', type=float, default=0.05, help='sparsity rate at the start of sparse training')
+    p.add_argument('--s', type=float, default=0.15, help='sparsity rate at the start of sparse training')
     p.add_argument('--s-final', type=float, default=0.2, help='the rate decays linearly to s * S_FINAL')
     p.add_argument('--kd', type=float, default=1.0, help='weight of the distillation term (--teacher runs)')
     p.add_argument('--params', type=float, nargs='+', default=[0.5, 0.7],
@@ -130,9 +131,11 @@ def train(work, name, args, cfg, weights, data, epochs, lr0, **extra):
     """One train.py run through the training library -> (its last.pt, val mAP@0.5 of the last epoch, seconds)."""
     out = os.path.join(work, name)
     last = os.path.join(out, 'last.pt')
-    if args.reuse and os.path.isfile(last):
+    if args.reuse and os.path.isfile(last):                  # a finished run of an earlier, cut bench run
+        with open(os.path.join(out, 'results.csv')) as f:
+            rows = list(csv.DictReader(f))
         print(f"reusing {last}", flush=True)
-        return last, None, None
+        return last, float(rows[-1]['mAP50']), round(sum(float(r['train_seconds']) for r in rows), 1)
     config = TrainConfig(cfg=cfg, data=data, weights=weights, epochs=epochs, batch_size=args.batch_size,
                          img_size=args.img_size, lr0=lr0, warmup_epochs=min(1.0, epochs / 4), workers=1,
                          out_dir=out, eval_interval=1000, cache=True, **extra)
