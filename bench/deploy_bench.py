@@ -43,7 +43,7 @@ valid split. Each model is exported as FP32 ONNX (utils/onnx_export.py) at --img
 size) and quantized (utils/quantize.py, the default method, calibrated on --calib images of the train split);
 mAP@0.5 and @0.5:0.95 by test.py's evaluator (test.py --onnx: square letterbox) for both; batch-1 latency of
 both at 1 thread and at all cores (intra-op threads = os.cpu_count()), timed in alternating rounds as above.
-Goals (issue 23): a pruned INT8 model >= 3x faster than the original FP32 at 1 thread; INT8 costs <= 0.02
+Goals: a pruned INT8 model >= 3x faster than the original FP32 at 1 thread; INT8 costs <= 0.02
 mAP@0.5 on COCO, <= 0.01 on an --extra data set (BCCD).
 """
 import argparse

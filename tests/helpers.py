@@ -4,6 +4,7 @@ import contextlib
 import copy
 import math
 import os
+import socket
 from pathlib import Path
 
 import cv2
@@ -486,3 +487,13 @@ def interrupted_after_first_last_pt(monkeypatch):
             yield
     finally:
         monkeypatch.setattr(models, 'save_checkpoint', real_save)
+
+
+def free_port():
+    """A TCP port free on 127.0.0.1 now (for a torchrun rendezvous), or None where sockets cannot be bound."""
+    try:
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            return s.getsockname()[1]
+    except OSError:
+        return None

@@ -11,7 +11,6 @@ import csv
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -24,7 +23,8 @@ import train as train_module
 import training
 from data.make_shapes import make_shapes
 from models import Darknet, load_model
-from tests.helpers import REPO, interrupted_after_first_last_pt, mini_tiny, narrow_defs, randomize_, write
+from tests.helpers import (REPO, free_port, interrupted_after_first_last_pt, mini_tiny, narrow_defs, randomize_,
+                           write)
 from tests.helpers import one_thread  # noqa: F401 (autouse: one intra-op thread in this file)
 from utils.errors import DarkslimError
 from utils.parse_config import infer_shapes, parse_cfg_text, write_cfg
@@ -186,17 +186,8 @@ def test_resume_rebuilds_the_teacher_and_continues_exactly(tmp_path, shapes, mon
     assert float(cut[1]['kd']) > 0          # the resumed epoch had its teacher
 
 
-def _free_port():
-    try:
-        with socket.socket() as s:
-            s.bind(('127.0.0.1', 0))
-            return s.getsockname()[1]
-    except OSError:
-        return None
-
-
 def test_two_process_ddp_gives_each_rank_its_teacher(tmp_path, shapes):
-    port = _free_port()
+    port = free_port()
     if port is None:
         pytest.skip('cannot bind a local port for torch.distributed')
     text = mini_tiny(nc=SHAPES_NC, width=64, height=64)

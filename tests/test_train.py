@@ -6,7 +6,6 @@ import csv
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -21,7 +20,7 @@ from data.make_shapes import make_shapes
 from importance import get_importance
 from models import Darknet, load_model
 from prune_utils import get_layer_set
-from tests.helpers import REPO, interrupted_after_first_last_pt, mini_tiny, mini_yolov3, write
+from tests.helpers import REPO, free_port, interrupted_after_first_last_pt, mini_tiny, mini_yolov3, write
 from utils.errors import DarkslimError
 from utils.loss import DEFAULT_HYP, build_targets, compute_loss
 from utils.parse_config import infer_shapes, parse_cfg_text
@@ -497,15 +496,6 @@ def test_non_finite_loss_stops_with_the_epoch_and_batch(tmp_path, shapes, tiny5)
                   '--out-dir', tmp_path, '--hyp', 'giou=nan')
 
 
-def _free_port():
-    try:
-        with socket.socket() as s:
-            s.bind(('127.0.0.1', 0))
-            return s.getsockname()[1]
-    except OSError:
-        return None
-
-
 DDP_DRIVER = '''"""Train with the training library, alone or as one rank under torchrun; save each rank's weights.
 
     python ddp_driver.py SPEC.json OUT_DIR     (SPEC: the TrainConfig of a BN-free model, and train.py options)
@@ -594,7 +584,7 @@ def _max_param_diff(a, b, names):
 
 
 def test_two_process_ddp_ranks_agree_and_equal_one_process_over_the_whole_batch(tmp_path, shapes, tiny5):
-    port = _free_port()
+    port = free_port()
     if port is None:
         pytest.skip('cannot bind a local port for torch.distributed')
     nobn_cfg = write(tmp_path, 'nobn.cfg', mini_tiny(nc=SHAPES_NC, width=64, height=64).replace(
