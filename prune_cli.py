@@ -27,6 +27,7 @@ DEFAULT_WEIGHTS = os.path.join('weights', 'last.pt')   # train.py's default outp
 DEFAULT_CALIB_STEPS = calibrate.DEFAULT_STEPS   # measured best on the real yolov3-tiny (bench/real_bench.py A)
 DISTILL = {'loss': 'head', 'lr': 1e-4, 'batch': 8, 'bn': 'frozen'}     # distillation defaults (bench/slim_bench.py)
 FLAGS = {'percent': '--percent', 'threshold': '--threshold', 'min_keep': '--min-keep', 'round_to': '--round-to',
+         'layer_keep': '--layer-keep',
          'n_blocks': '--shortcuts', 'calib': '--calib', 'calib_steps': '--calib-steps', 'importance': '--importance',
          'plan': '--plan', 'strategy': 'the script', 'target_flops': '--target-flops', 'greedy': '--l1-greedy',
          'distill_iters': '--distill', 'steps': '--steps', 'iters': '--distill', 'loss': '--distill-loss',
@@ -55,6 +56,10 @@ def add_prune_args(p, strategy):
                    help='off by default: a layer the cut would empty stops the prune with an error; with K, such '
                         'a layer keeps its K highest-score channels and the prune goes on (other layers are '
                         'left as cut)')
+    p.add_argument('--layer-keep', type=float, metavar='F',
+                   help='a floor: every prunable layer keeps at least a share F of its channels (its highest-score '
+                        'ones, e.g. 0.05), so no layer becomes a bottleneck of one or two channels that '
+                        'fine-tuning cannot widen again; a layer the cut would empty then keeps that share too')
     if strategy in ('regular', 'layer'):
         p.add_argument('--round-to', type=int, metavar='N',
                        help='round kept counts up to a multiple of N (8/16/32)' +
@@ -200,7 +205,7 @@ def prune_options(args, strategy, inputs):
                                 else None, distill_iters=args.distill, steps=args.steps,
                                 distill={'loss': args.distill_loss, 'lr': args.distill_lr, 'batch': args.distill_batch,
                                          'bn': args.distill_bn, 'device': select_device(args.device),
-                                         'img_size': args.img_size})
+                                         'img_size': args.img_size}, layer_keep=args.layer_keep)
 
 
 def img_hw(model, img_size):

@@ -328,7 +328,7 @@ class Plan:
     """Which channels each prunable conv keeps.
 
     keep: conv layer index -> bool keep mask (numpy, length = filters) for every prunable conv
-    threshold: channels scoring below it are removed (before min_keep / rounding top-ups)
+    threshold: channels scoring below it are removed (before min_keep / layer_keep / rounding top-ups)
     percent: the share asked for (None when a threshold was given); removed_share: what the plan actually removes
     importance: the name of the importance whose scores were cut (importance.IMPORTANCES)
     """
@@ -347,6 +347,7 @@ class Plan:
     bflops: tuple = None          # (the model's, the compact model's) BFLOPs at the plan's input size
     layer_bflops: dict = None     # prunable conv -> (BFLOPs before, after)
     steps: list = None            # a K-step prune: each step's plan (to_json), over the previous step's model
+    layer_keep: float = None      # the share of every prunable layer kept at least (a floor; see make_plan)
 
     def rows(self):
         """One PlanRow per prunable conv, in layer order."""
@@ -378,7 +379,7 @@ class Plan:
         return {'strategy': self.strategy, 'mode': self.layer_set.mode, 'importance': self.importance,
                 'greedy': self.greedy, 'target_flops': self.target_flops, 'bflops': self.bflops, 'steps': self.steps,
                 'threshold': self.threshold, 'percent': self.percent, 'min_keep': self.min_keep,
-                'round_to': self.round_to, 'removed_share': self.removed_share, 'topped_up': self.topped_up,
+                'layer_keep': self.layer_keep, 'round_to': self.round_to, 'removed_share': self.removed_share, 'topped_up': self.topped_up,
                 'groups': self.layer_set.groups,
                 'partial': {str(k): v for k, v in sorted(self.layer_set.partial.items())},
                 'slices': {str(k): v for k, v in sorted(self.layer_set.slices.items())},
@@ -411,7 +412,7 @@ def plan_from_json(data, layer_set):
     removed = sum(int((~k).sum()) for k in keep.values())
     return Plan(strategy, layer_set, keep, float(data.get('threshold', 0.0)), data.get('percent'),
                 data.get('min_keep'), data.get('round_to'), removed / sum(len(k) for k in keep.values()),
-                list(data.get('topped_up', [])), data.get('importance', 'gamma'))
+                list(data.get('topped_up', [])), data.get('importance', 'gamma'), layer_keep=data.get('layer_keep'))
 
 
 def threshold_for_percent(scores, percent):
@@ -487,18 +488,19 @@ def _emptied_message(empty, unit_score, flat, percent, threshold):
         + (f" and {len(empty) - 6} more" if len(empty) > 6 else '')
     return (f"{asked} would remove every channel of layer(s) {names}; the highest safe {{percent}} is {safe} (or "
             f"{{threshold}} up to {worst:.6g}), or pass {{min_keep}} K to keep the K strongest channels of such "
-            "layers")
+            "layers (or {layer_keep} F to keep a share F of every layer)")
 
 
-def _unit_keep(score, cut, slices, min_keep, round_to):
+def _unit_keep(score, cut, slices, min_keep, round_to, layer_keep=None):
     """The keep mask of one unit: `cut` (score >= threshold), with every one of its `slices` equal slices
     keeping the same count k = the largest count the cut keeps in any slice (each slice topped up with its own
-    highest-score channels: no channel the cut keeps is removed for the constraint's sake); k rounded up per
-    `round_to`; an emptied unit keeps min(min_keep, slice size) per slice."""
+    highest-score channels: no channel the cut keeps is removed for the constraint's sake); an emptied unit
+    keeps min(min_keep, slice size) per slice; k raised to the floor ceil(layer_keep * slice size); then
+    rounded up per `round_to`."""
     size = len(score) // slices
     per = cut.reshape(slices, size)
-    k = int(per.sum(1).max())
-    want = _round_up(k or min(min_keep, size), size, round_to)
+    k = int(per.sum(1).max()) or min(min_keep or 0, size)
+    want = _round_up(max(k, keep_floor(size, layer_keep)), size, round_to)
     out = per.copy()
     for j in range(slices):
         if per[j].sum() != want:                    # strongest first; ties by channel index
@@ -507,12 +509,20 @@ def _unit_keep(score, cut, slices, min_keep, round_to):
     return out.reshape(-1)
 
 
-def _check_plan_options(layer_set, percent, threshold, min_keep, round_to, target_flops=None):
+def keep_floor(size, layer_keep):
+    """The fewest channels a layer of `size` keeps under `layer_keep` F: ceil(F * size) (0 without F)."""
+    return math.ceil(layer_keep * size - 1e-9) if layer_keep else 0
+
+
+def _check_plan_options(layer_set, percent, threshold, min_keep, round_to, target_flops=None, layer_keep=None):
     """One-line errors, naming the parameter, for options no plan can follow."""
     if sum(v is not None for v in (percent, threshold, target_flops)) != 1:
         raise DarkslimError("give exactly one of {percent}, {threshold} and {target_flops}", param='percent')
     if min_keep is not None and min_keep < 1:
         raise DarkslimError(f"{{min_keep}} {min_keep}; expected a positive channel count", param='min_keep')
+    if layer_keep is not None and not 0 < layer_keep < 1:
+        raise DarkslimError(f"{{layer_keep}} {layer_keep}; expected the share of every layer's channels to keep, "
+                            "in (0, 1)", param='layer_keep')
     if round_to not in (None, 'pow2') and (not isinstance(round_to, int) or round_to < 1):
         raise DarkslimError(f"{{round_to}} {round_to}; expected a positive channel count such as 8, 16 or 32",
                             param='round_to')
@@ -531,7 +541,8 @@ def score_channels(model, layer_set, importance='gamma', images=None, normalize=
 
 
 def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep=None, round_to=None,
-              importance='gamma', images=None, target_flops=None, normalize=None, greedy=False, img_hw=None):
+              importance='gamma', images=None, target_flops=None, normalize=None, greedy=False, img_hw=None,
+              layer_keep=None):
     """Keep masks for every prunable conv from a global threshold on the channels' scores.
 
     `importance` (a name in importance.IMPORTANCES, or an Importance) scores every prunable channel; `images`
@@ -544,23 +555,25 @@ def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep
     of its members' masks (a channel goes only when every member would drop it: a unit's score is its
     members' maximum). A unit the threshold would empty raises a one-line DarkslimError naming the layers and
     the highest safe percent, unless `min_keep` K is given: then such a unit keeps its K highest-score channels
-    (units keeping at least one channel are left as cut). `round_to` ('pow2' or N) rounds each unit's kept count
+    (units keeping at least one channel are left as cut). `layer_keep` F: a floor, every unit keeps at least
+    ceil(F * its channels) (per slice), its highest-score ones, so no layer is left a bottleneck of one or two
+    channels that fine-tuning cannot widen again (tanluren's --layer_keep); no unit is then emptied. `round_to` ('pow2' or N) rounds each unit's kept count
     up, filling with the highest-score channels (never past the layer's size). A unit split by a `[route]
     groups` route keeps the same count in every slice (`_unit_keep`); min_keep and round_to then apply per
     slice. A group member wider than its group (LayerSet.partial) shares the group's mask over the group's
     width; its other channels are cut (and rounded) on their own and may all go.
     """
-    _check_plan_options(layer_set, percent, threshold, min_keep, round_to, target_flops)
+    _check_plan_options(layer_set, percent, threshold, min_keep, round_to, target_flops, layer_keep)
     imp = get_importance(importance)
     scores = score_channels(model, layer_set, imp, images, normalize)
     if greedy and imp.upstream:
         first = make_plan(model, layer_set, strategy, percent, threshold, min_keep, round_to, imp, images,
-                          target_flops, normalize, img_hw=img_hw)
+                          target_flops, normalize, img_hw=img_hw, layer_keep=layer_keep)
         scores = score_channels(model, layer_set, imp, images, normalize, keep=first.keep)
     hw = tuple(img_hw or model.img_size)
     if target_flops is not None:
-        threshold = flops_threshold(model, layer_set, scores, target_flops, min_keep, round_to, hw)
-    plan = plan_from_scores(layer_set, strategy, scores, percent, threshold, min_keep, round_to)
+        threshold = flops_threshold(model, layer_set, scores, target_flops, min_keep, round_to, hw, layer_keep)
+    plan = plan_from_scores(layer_set, strategy, scores, percent, threshold, min_keep, round_to, layer_keep)
     plan.importance, plan.target_flops, plan.greedy = imp.name, target_flops, bool(greedy and imp.upstream)
     count_bflops(plan, model, hw)
     return plan
@@ -574,7 +587,8 @@ def count_bflops(plan, model, hw):
     plan.layer_bflops = {i: (before[i].bflops, after[i].bflops) for i in plan.keep}
 
 
-def plan_from_scores(layer_set, strategy, scores, percent=None, threshold=None, min_keep=None, round_to=None):
+def plan_from_scores(layer_set, strategy, scores, percent=None, threshold=None, min_keep=None, round_to=None,
+                     layer_keep=None):
     """The Plan cutting `scores` ({prunable conv: scores}) at `threshold` (or the `percent` lowest)."""
     flat = np.concatenate([scores[i] for i in layer_set.prunable])
     if threshold is None:
@@ -583,10 +597,10 @@ def plan_from_scores(layer_set, strategy, scores, percent=None, threshold=None, 
     unit_score = [np.max(np.stack([scores[i][u.start:u.stop] for i in u.layers]), 0) for u in units]  # [channels]
     keeps = [s >= threshold for s in unit_score]
     empty = [(u.layers, s) for u, s, k in zip(units, unit_score, keeps) if not k.any() and not u.tail]
-    if empty and min_keep is None:
+    if empty and min_keep is None and not layer_keep:
         whole = [s for u, s in zip(units, unit_score) if not u.tail]
         raise Emptied(_emptied_message(empty, whole, flat, percent, threshold), param='percent')
-    keep, topped = _keep_masks(layer_set, units, unit_score, keeps, min_keep, round_to)
+    keep, topped = _keep_masks(layer_set, units, unit_score, keeps, min_keep, round_to, layer_keep)
     removed = sum(int((~keep[i]).sum()) for i in layer_set.prunable)
     if removed == 0:
         asked = f"{{percent}} {percent}" if percent is not None else f"{{threshold}} {threshold:g}"
@@ -594,7 +608,7 @@ def plan_from_scores(layer_set, strategy, scores, percent=None, threshold=None, 
                              f"(lowest score {flat.min():.4g}{', after rounding' if round_to else ''}); expected a "
                              "larger {percent} or {threshold}", param='percent' if percent is not None else 'threshold')
     return Plan(strategy, layer_set, keep, float(threshold), percent, min_keep, round_to,
-                removed / len(flat), sorted(topped))
+                removed / len(flat), sorted(topped), layer_keep=layer_keep)
 
 
 def compact_bflops(model, keep, hw):
@@ -605,7 +619,7 @@ def compact_bflops(model, keep, hw):
     return models.model_info(defs, *hw)[1]
 
 
-def flops_threshold(model, layer_set, scores, target, min_keep, round_to, hw):
+def flops_threshold(model, layer_set, scores, target, min_keep, round_to, hw, layer_keep=None):
     """The score threshold removing the fewest lowest-score channels whose compact model has at most (1 - target)
     of the model's BFLOPs: a bisection over k, the number of lowest scores cut (ties go together). A cut that
     would empty a unit (without min_keep) is out of reach; a target beyond the reachable cut is refused."""
@@ -618,7 +632,7 @@ def flops_threshold(model, layer_set, scores, target, min_keep, round_to, hw):
 
     def bflops(k):                                  # None: the cut empties a unit
         try:
-            plan = plan_from_scores(layer_set, 'flops', scores, None, cut(k), min_keep, round_to)
+            plan = plan_from_scores(layer_set, 'flops', scores, None, cut(k), min_keep, round_to, layer_keep)
         except Emptied:
             return None
         except NothingToPrune:
@@ -643,16 +657,19 @@ def flops_threshold(model, layer_set, scores, target, min_keep, round_to, hw):
     return cut(lo)
 
 
-def _keep_masks(layer_set, units, unit_score, keeps, min_keep, round_to):
-    """({conv: keep mask}, layers topped up to min_keep) from each unit's cut (see make_plan)."""
+def _keep_masks(layer_set, units, unit_score, keeps, min_keep, round_to, layer_keep=None):
+    """({conv: keep mask}, layers topped up to min_keep or layer_keep) from each unit's cut (see make_plan)."""
     topped = []
     keep = {i: np.zeros(layer_set.filters[i], dtype=bool) for i in layer_set.prunable}
     for u, s, cut in zip(units, unit_score, keeps):
         if not cut.any():
             if u.tail:                              # a tail may go whole: its layer keeps its group's channels
                 continue
-            topped += u.layers                      # emptied: only reached with min_keep (see make_plan)
-        k = _unit_keep(s, cut, layer_set.slices.get(u.layers[0], 1), min_keep, round_to)
+            topped += u.layers                      # emptied: only reached with min_keep/layer_keep
+        slices = layer_set.slices.get(u.layers[0], 1)
+        k = _unit_keep(s, cut, slices, min_keep, round_to, layer_keep)
+        if cut.any() and int(cut.reshape(slices, -1).sum(1).max()) < keep_floor(len(s) // slices, layer_keep):
+            topped += u.layers                      # raised to the layer_keep floor
         for i in u.layers:
             keep[i][u.start:u.stop] = k
     return keep, topped

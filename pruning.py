@@ -34,8 +34,8 @@ STRATEGIES = tuple(MODE_OF)
 @dataclass
 class PruneOptions:
     """What to remove. Channels: exactly one of `percent`, `threshold` and `target_flops` (the fraction of the
-    model's BFLOPs at `img_hw` to remove; none for a block-only layer prune), `min_keep`, `round_to` ('pow2' or
-    N), `importance` (importance.IMPORTANCES), `greedy` (l1: norms without inputs removed upstream). Blocks:
+    model's BFLOPs at `img_hw` to remove; none for a block-only layer prune), `min_keep`, `layer_keep` (a floor:
+    the share of every prunable layer kept at least), `round_to` ('pow2' or N), `importance` (importance.IMPORTANCES), `greedy` (l1: norms without inputs removed upstream). Blocks:
     `n_blocks`.
     `calib_steps`: the calibration steps run when images are given. `plan`: a stored plan (Plan.to_json or
     LayerPlan.to_json) to replay instead of choosing channels and blocks (the other choices are then unused).
@@ -56,6 +56,7 @@ class PruneOptions:
     distill_iters: int = 0
     distill: dict = field(default_factory=dict)
     steps: int = 1
+    layer_keep: float = None
 
     def channels_asked(self):
         return self.percent is not None or self.threshold is not None or self.target_flops is not None
@@ -199,7 +200,7 @@ def _channel_plan(model, layer_set, strategy, options, images, stored, target_fl
         return prune_utils.plan_from_json(stored, layer_set)
     return prune_utils.make_plan(model, layer_set, strategy, options.percent, options.threshold, options.min_keep,
                                  options.round_to, options.importance, images, target_flops or options.target_flops,
-                                 greedy=options.greedy, img_hw=options.img_hw)
+                                 greedy=options.greedy, img_hw=options.img_hw, layer_keep=options.layer_keep)
 
 
 def _channel_surgery(model, plan, images, steps):
@@ -252,9 +253,10 @@ def _block_plan(model, options, images):
     plan = prune_layers.make_layer_plan(model, options.n_blocks, options.importance, images, shortcuts)
     channel_stored = None if stored is None else stored.get('channel')
     wants_channels = options.channels_asked() if stored is None else channel_stored is not None
-    if not wants_channels and (options.min_keep is not None or options.round_to is not None):
-        raise DarkslimError("{min_keep} and {round_to} apply to the channel prune; expected {percent} or "
-                            "{threshold} with them", param='min_keep' if options.min_keep is not None else 'round_to')
+    if not wants_channels and (options.min_keep is not None or options.round_to is not None
+                               or options.layer_keep is not None):
+        raise DarkslimError("{min_keep}, {layer_keep} and {round_to} apply to the channel prune; expected "
+                            "{percent} or {threshold} with them", param='min_keep')
     return plan, channel_stored, wants_channels
 
 

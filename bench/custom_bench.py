@@ -13,9 +13,12 @@ the end, never to choose anything.
  2. dense: the COCO cfg for 3 classes (models.py make-cfg), the COCO weights loaded where shapes match (the
     convs feeding [yolo] start fresh), E epochs on train
  3. sparse: -sr --prune 2 from the dense model, E epochs, s from --s to --s * --s-final (linear), without and
-    with the dense model as --teacher
+    with the dense model as --teacher; the saved BN statistics re-estimated on 64 train images (train.py's
+    default with -sr)
  4. prune (tiny_prune's strategy; calibrated surgery on --calib train images): each sparse model at the
-    smallest --percent that removes >= 50 % and >= 70 % of the dense parameters; for comparison the dense
+    smallest --percent that removes >= 50 % and >= 70 % of the dense parameters, every layer keeping at least
+    --layer-keep of its channels (chosen on val: a layer left with 1-2 channels starves every head after it,
+    and fine-tuning cannot widen it again); for comparison the dense
     model pruned post-training (no sparse training: importance `act`, calibrated) to the same BFLOPs
  5. fine-tune each prune F epochs: the plain sparse model's prunes without and with --teacher (the dense
     model), the others with it
@@ -80,6 +83,8 @@ def get_args_parser():
                    help='shares of the dense parameters each prune removes (at least)')
     p.add_argument('--calib', type=int, default=64, help='calibration images (train split)')
     p.add_argument('--min-keep', type=int, default=8, help='channels kept in a layer the cut would empty')
+    p.add_argument('--layer-keep', type=float, default=0.1,
+                   help='share of every prunable layer kept at least (tiny_prune --layer-keep; 0: no floor)')
     p.add_argument('--threads', type=int, default=2, help='torch threads for training and latency')
     p.add_argument('--latency-runs', type=int, default=30)
     p.add_argument('--work-dir', help='keep the converted data and trained models here (default: a temp folder)')
@@ -155,14 +160,14 @@ def write_model(model, path_stem):
     return cfg, weights
 
 
-def percent_for_params(model, share, size, min_keep):
+def percent_for_params(model, share, size, min_keep, layer_keep=None):
     """The smallest tiny-prune --percent (to 1e-3) whose compact model has at most (1 - share) of `model`'s
     parameters, by bisection (more percent never keeps more parameters)."""
     layer_set = prune_utils.get_layer_set(model.module_defs, 'tiny')
     limit = (1 - share) * model_info(model.defs, size, size)[0]
 
     def params_at(p):
-        plan = prune_utils.make_plan(model, layer_set, 'tiny', percent=p, min_keep=min_keep)
+        plan = prune_utils.make_plan(model, layer_set, 'tiny', percent=p, min_keep=min_keep, layer_keep=layer_keep)
         return model_info(prune_utils.compact_model(model, plan).defs, size, size)[0]
 
     lo, hi = 0.0, 0.999
@@ -176,10 +181,11 @@ def percent_for_params(model, share, size, min_keep):
 
 def prune_sparse(sparse, share, images, args, stem):
     """The sparse model pruned (tiny, calibrated) to remove >= `share` of its parameters -> (cfg, weights, info)."""
-    percent = percent_for_params(sparse, share, args.img_size, args.min_keep)
+    layer_keep = args.layer_keep or None
+    percent = percent_for_params(sparse, share, args.img_size, args.min_keep, layer_keep)
     t = time.perf_counter()
-    result = pruning.prune(sparse, 'tiny', pruning.PruneOptions(percent=percent, min_keep=args.min_keep),
-                           images=images)
+    result = pruning.prune(sparse, 'tiny', pruning.PruneOptions(percent=percent, min_keep=args.min_keep,
+                                                                layer_keep=layer_keep), images=images)
     info = {'percent': percent, 'surgery_seconds': round(time.perf_counter() - t, 1)}
     return (*write_model(result.nets['compact'], stem), info)
 
@@ -189,7 +195,7 @@ def prune_post_training(dense, target_flops, images, args, stem):
     its BFLOPs -> (cfg, weights, info)."""
     t = time.perf_counter()
     options = pruning.PruneOptions(target_flops=target_flops, importance='act', min_keep=args.min_keep,
-                                   img_hw=(args.img_size, args.img_size))
+                                   img_hw=(args.img_size, args.img_size), layer_keep=args.layer_keep or None)
     result = pruning.prune(dense, 'tiny', options, images=images)
     info = {'target_flops': round(target_flops, 4), 'importance': 'act',
             'surgery_seconds': round(time.perf_counter() - t, 1)}
@@ -312,7 +318,8 @@ def pipeline(work, args, data):
     for share in args.params:
         for tag, model in sparse.items():
             p_cfg, p_weights, info = prune_sparse(model, share, images, args, f"{work}/{tag}-{share:g}")
-            rows.append(Row(f"{tag}-{share:g}", f"tiny_prune --percent {info['percent']}", p_cfg, p_weights))
+            rows.append(Row(f"{tag}-{share:g}", f"tiny_prune --percent {info['percent']}"
+                            + (f" --layer-keep {args.layer_keep:g}" if args.layer_keep else ''), p_cfg, p_weights))
             fts = (('ft', {}), ('ft-kd', teacher)) if tag == 'sparse' else (('ft-kd', teacher),)
             rows += [finetune(work, f"{tag}-{share:g}", ft_tag, extra, p_cfg, p_weights, data, args, seconds)
                      for ft_tag, extra in fts]

@@ -284,6 +284,50 @@ def test_min_keep_keeps_the_k_strongest_of_emptied_layers_only(tmp_path):
     assert all(np.array_equal(plan.keep[i], cut[i]) for i in ls.prunable if i not in emptied)
 
 
+@pytest.mark.parametrize('mode', ['normal', 'shortcut'])
+def test_layer_keep_is_a_floor_for_every_layer(tmp_path, mode):
+    # the reference is brute force over each unit: the cut, or its ceil(F * n) strongest channels when the cut
+    # keeps fewer (a shortcut group's score is its members' maximum |gamma|)
+    model = random_gamma_model(tmp_path, seed=12)
+    ls = get_layer_set(model.module_defs, mode)
+    f = 0.3
+    plan = make_plan(model, ls, mode, percent=0.9, layer_keep=f)
+    gammas = {i: model.module_list[i][1].weight.detach().abs().numpy() for i in ls.prunable}
+    units = [list(g) for g in ls.groups] + [[i] for i in ls.prunable if ls.group_of(i) is None]
+    raised = []
+    for unit in units:
+        score = np.max(np.stack([gammas[i] for i in unit]), 0)
+        floor = math.ceil(f * len(score))
+        cut = score >= plan.threshold
+        want = cut if cut.sum() >= floor else np.isin(np.arange(len(score)), np.argsort(-score, kind='stable')[:floor])
+        raised += unit if cut.sum() < floor else []
+        assert all(np.array_equal(plan.keep[i], want) for i in unit), unit
+    assert raised and sorted(raised) == plan.topped_up
+    # without the floor the same cut leaves some layer below it (the case the floor exists for)
+    assert make_plan(model, ls, mode, percent=0.9, min_keep=1).removed_share > plan.removed_share
+
+
+def test_layer_keep_holds_under_a_flops_target(tmp_path):
+    model = random_gamma_model(tmp_path, seed=12)
+    ls = get_layer_set(model.module_defs, 'normal')
+    hw = tuple(model.img_size)
+    plan = make_plan(model, ls, 'normal', target_flops=0.5, layer_keep=0.25)
+    assert all(k.sum() >= math.ceil(0.25 * len(k)) for k in plan.keep.values())
+    assert plan.bflops[1] <= 0.5 * plan.bflops[0] + 1e-12
+    assert plan.bflops[1] == pytest.approx(model_info(compact_model(model, plan).defs, *hw)[1])
+
+
+@pytest.mark.parametrize('value', ['0', '1', '1.5'])
+def test_layer_keep_outside_0_1_is_refused_in_one_line(tmp_path, value):
+    model = random_gamma_model(tmp_path)
+    ckpt = tmp_path / 'm.pt'
+    save_checkpoint(ckpt, model)
+    r = run_cli('normal_prune.py', '--weights', ckpt, '--percent', '0.5', '--layer-keep', value, '--out',
+                tmp_path / 'o')
+    assert one_line_error(r) and '--layer-keep' in r.stderr and 'in (0, 1)' in r.stderr, r.stderr
+    assert not (tmp_path / 'o').exists() and not list(tmp_path.glob('o.*'))
+
+
 def test_no_prunable_layer_is_a_self_contained_one_line_error(tmp_path):
     # both BN convs feed a [yolo] directly (0 -> 1; 0 -> route 2 -> 3 -> 4): nothing may lose channels
     head = conv(3 * (2 + 5), 1, act='linear')

@@ -371,6 +371,38 @@ def test_sr_local_decay_spares_the_largest_gammas_from_the_start_epoch_on(tmp_pa
         run_train(*[a for a in common if a != '-sr'], '--out-dir', tmp_path / 'bad', '--sr-local', 0.5)
 
 
+def _bn_input_moments(model, images):
+    """{conv layer: (mean, biased var)} of every BN's input over `images` in one eval-mode forward, float64."""
+    seen = {}
+    hooks = [m[1].register_forward_pre_hook(lambda mod, x, i=i: seen.__setitem__(i, x[0].double()))
+             for i, m in enumerate(model.module_list)
+             if isinstance(m, torch.nn.Sequential) and len(m) > 1 and isinstance(m[1], torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        model.eval()(images)
+    for h in hooks:
+        h.remove()
+    return {i: (x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)) for i, x in seen.items()}
+
+
+def test_sr_runs_save_bn_statistics_re_estimated_on_the_train_images(tmp_path, shapes, tiny5, capsys):
+    from utils.datasets import LoadImagesAndLabels, list_images, parse_data_cfg
+    common = ['--cfg', tiny5, '--data', shapes, '--img-size', 64, '--workers', 0, '--notest', '--seed', 3,
+              '--epochs', 1, '--batch-size', 8, '--warmup-epochs', 0]
+    run_train(*common, '--out-dir', tmp_path / 'sr', '-sr', '--s', 0.05, '--prune', 2)   # default: 64 images
+    assert 'BatchNorm statistics re-estimated at every epoch end on 8 train images' in capsys.readouterr().out
+    run_train(*common, '--out-dir', tmp_path / 'plain')                                   # default: none
+    files = list_images(parse_data_cfg(shapes)['train'])
+    data = LoadImagesAndLabels(files, 64, augment=False, nc=SHAPES_NC)
+    images = torch.stack([data[j][0] for j in range(len(data))])          # all 8: one batch, exact moments
+    for name, refreshed in (('sr', True), ('plain', False)):
+        model = load_model(None, tmp_path / name / 'last.pt')
+        moments = _bn_input_moments(model, images)
+        worst = max(max((bn.running_mean.double() - moments[i][0]).abs().max().item(),
+                        ((bn.running_var.double() - moments[i][1]).abs() / moments[i][1].clamp(min=1e-6)).max().item())
+                    for i, bn in ((i, model.module_list[i][1]) for i in moments))
+        assert (worst < 1e-4) if refreshed else (worst > 1e-2), (name, worst)
+
+
 def test_model_ema_is_the_decayed_average():
     model = model_from_text(mini_tiny(nc=2, width=64, height=64))
     ema = ModelEMA(model, decay=0.9, tau=1.0)
