@@ -57,9 +57,9 @@ def add_prune_args(p, strategy):
                         'a layer keeps its K highest-score channels and the prune goes on (other layers are '
                         'left as cut)')
     p.add_argument('--layer-keep', type=float, metavar='F',
-                   help='a floor: every prunable layer keeps at least a share F of its channels (its highest-score '
-                        'ones, e.g. 0.05), so no layer becomes a bottleneck of one or two channels that '
-                        'fine-tuning cannot widen again; a layer the cut would empty then keeps that share too')
+                   help='a floor: every prunable layer keeps at least ceil(F x its channels) (its highest-score '
+                        'ones, e.g. 0.1), so a global threshold cannot leave a wide layer with a channel or two '
+                        'that fine-tuning cannot widen again; a layer the cut would empty keeps that share too')
     if strategy in ('regular', 'layer'):
         p.add_argument('--round-to', type=int, metavar='N',
                        help='round kept counts up to a multiple of N (8/16/32)' +

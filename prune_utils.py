@@ -48,7 +48,7 @@ class NothingToPrune(DarkslimError):
 
 
 class Emptied(DarkslimError):
-    """A cut that would remove every channel of a layer (without min_keep)."""
+    """A cut that would remove every channel of a layer (without min_keep or layer_keep)."""
 
 
 # --- step 1: layer sets -----------------------------------------------------------------------------------------
@@ -510,8 +510,9 @@ def _unit_keep(score, cut, slices, min_keep, round_to, layer_keep=None):
 
 
 def keep_floor(size, layer_keep):
-    """The fewest channels a layer of `size` keeps under `layer_keep` F: ceil(F * size) (0 without F)."""
-    return math.ceil(layer_keep * size - 1e-9) if layer_keep else 0
+    """The fewest channels a layer of `size` keeps under `layer_keep` F: ceil(F * size), at least 1 (0 without
+    F). The 1e-9 keeps F * size that is a whole number in exact arithmetic (0.1 * 30) from rounding up."""
+    return max(1, math.ceil(layer_keep * size - 1e-9)) if layer_keep else 0
 
 
 def _check_plan_options(layer_set, percent, threshold, min_keep, round_to, target_flops=None, layer_keep=None):
@@ -556,8 +557,10 @@ def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep
     members' maximum). A unit the threshold would empty raises a one-line DarkslimError naming the layers and
     the highest safe percent, unless `min_keep` K is given: then such a unit keeps its K highest-score channels
     (units keeping at least one channel are left as cut). `layer_keep` F: a floor, every unit keeps at least
-    ceil(F * its channels) (per slice), its highest-score ones, so no layer is left a bottleneck of one or two
-    channels that fine-tuning cannot widen again (tanluren's --layer_keep); no unit is then emptied. `round_to` ('pow2' or N) rounds each unit's kept count
+    ceil(F * its channels) (per slice), its highest-score ones, so a global threshold cannot leave a layer a
+    bottleneck far narrower than its width that fine-tuning cannot widen again (as tanluren's --layer_keep,
+    which rounds down); no unit is then emptied. The channels of a group member beyond its group's width (a
+    tail) are exempt: they may still all go, the member keeping its group's channels. `round_to` ('pow2' or N) rounds each unit's kept count
     up, filling with the highest-score channels (never past the layer's size). A unit split by a `[route]
     groups` route keeps the same count in every slice (`_unit_keep`); min_keep and round_to then apply per
     slice. A group member wider than its group (LayerSet.partial) shares the group's mask over the group's
@@ -604,9 +607,12 @@ def plan_from_scores(layer_set, strategy, scores, percent=None, threshold=None, 
     removed = sum(int((~keep[i]).sum()) for i in layer_set.prunable)
     if removed == 0:
         asked = f"{{percent}} {percent}" if percent is not None else f"{{threshold}} {threshold:g}"
+        after = ', after rounding' if round_to else ''
+        after += f", after the {{layer_keep}} {layer_keep:g} floor" if layer_keep else ''
         raise NothingToPrune(f"nothing to prune: {asked} removes no channel of the {len(flat)} prunable ones "
-                             f"(lowest score {flat.min():.4g}{', after rounding' if round_to else ''}); expected a "
-                             "larger {percent} or {threshold}", param='percent' if percent is not None else 'threshold')
+                             f"(lowest score {flat.min():.4g}{after}); expected a larger {{percent}} or {{threshold}}"
+                             + (" or a smaller {layer_keep}" if layer_keep else ''),
+                             param='percent' if percent is not None else 'threshold')
     return Plan(strategy, layer_set, keep, float(threshold), percent, min_keep, round_to,
                 removed / len(flat), sorted(topped), layer_keep=layer_keep)
 
@@ -622,7 +628,8 @@ def compact_bflops(model, keep, hw):
 def flops_threshold(model, layer_set, scores, target, min_keep, round_to, hw, layer_keep=None):
     """The score threshold removing the fewest lowest-score channels whose compact model has at most (1 - target)
     of the model's BFLOPs: a bisection over k, the number of lowest scores cut (ties go together). A cut that
-    would empty a unit (without min_keep) is out of reach; a target beyond the reachable cut is refused."""
+    would empty a unit (without min_keep or layer_keep) is out of reach; a target beyond the reachable cut is
+    refused (with layer_keep the floors are what limits it)."""
     flat = np.sort(np.concatenate([scores[i] for i in layer_set.prunable]))
     limit = (1 - target) * models.model_info(model.defs, *hw)[1]
 
@@ -646,9 +653,10 @@ def flops_threshold(model, layer_set, scores, target, min_keep, round_to, hw, la
     reach = bflops(lo)
     if reach is None or reach > limit:
         best = 'none' if reach in (None, float('inf')) else f"{1 - reach * (1 - target) / limit:.3f}"
+        why, fix = ((f"with every layer keeping its {{layer_keep}} {layer_keep:g} share", "or {layer_keep}")
+                    if layer_keep else ("without emptying a layer", "or {min_keep} K"))
         raise DarkslimError(f"{{target_flops}} {target}: the layer set can remove at most {best} of the BFLOPs "
-                            "without emptying a layer; expected a smaller {target_flops}, or {min_keep} K",
-                            param='target_flops')
+                            f"{why}; expected a smaller {{target_flops}}, {fix}", param='target_flops')
     lo, hi = 1, lo                                  # the fewest channels that reach the target
     while lo < hi:
         mid = (lo + hi) // 2

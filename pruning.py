@@ -107,6 +107,9 @@ def prune(model, strategy, options, images=None, distill_images=None):
 def _check_recovery(options, images):
     if not isinstance(options.steps, int) or options.steps < 1:
         raise DarkslimError(f"{{steps}} {options.steps}; expected a number of steps >= 1", param='steps')
+    if options.steps > 1 and options.layer_keep is not None:     # each step's floor would be of a narrower model
+        raise DarkslimError(f"{{layer_keep}} with {{steps}} {options.steps}: the floor is a share of the layers of "
+                            "the model being pruned; expected one step with {layer_keep}", param='layer_keep')
     if options.steps > 1 and (options.target_flops is None or options.plan is not None):
         raise DarkslimError(f"{{steps}} {options.steps} reaches a {{target_flops}} in equal steps; expected "
                             "{target_flops} F (and no {plan})", param='steps')
@@ -255,8 +258,9 @@ def _block_plan(model, options, images):
     wants_channels = options.channels_asked() if stored is None else channel_stored is not None
     if not wants_channels and (options.min_keep is not None or options.round_to is not None
                                or options.layer_keep is not None):
+        given = [k for k in ('min_keep', 'layer_keep', 'round_to') if getattr(options, k) is not None]
         raise DarkslimError("{min_keep}, {layer_keep} and {round_to} apply to the channel prune; expected "
-                            "{percent} or {threshold} with them", param='min_keep')
+                            "{percent} or {threshold} with them", param=given[0])
     return plan, channel_stored, wants_channels
 
 

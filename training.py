@@ -70,9 +70,9 @@ from utils.torch_utils import ModelEMA, dist_info, init_seeds, select_device
 
 METRIC_COLUMNS = ['precision', 'recall', 'mAP50', 'mAP50_95', 'f1', 'fitness', 'gamma_small_share', 'gamma_p50',
                   'lr', 'img_size', 'train_seconds', 'eval_seconds']  # gamma_*: sr only (|gamma| < 0.01, median)
-# bn_refresh's default with -sr: on BCCD (yolov3-tiny, 12 epochs of -sr) the saved running variances of the later
-# layers were 3-40x the variances the weights produce; re-estimating them on 64 train images took val mAP@0.5
-# from 0.34 to 0.79 (bench/results/custom.json); a few seconds per epoch on a CPU
+# bn_refresh's default with -sr: on BCCD (yolov3-tiny after 12 epochs of -sr) re-estimating the running statistics
+# on 64 train images took val mAP@0.5 from 0.34 to 0.79 (bench/results/bn-refresh.json: how it depends on the
+# number of images); a few seconds per epoch on a CPU
 SR_BN_REFRESH = 64
 MULTI_SCALE = (0.67, 1.5)  # multi_scale: input side drawn in this range of img_size (multiples of 32)
 OUTPUT_FILES = {'last_pt': 'last.pt', 'best_pt': 'best.pt', 'last_weights': 'last.weights',
@@ -388,7 +388,7 @@ class Run:
     sr: BNSparsity = None
     layer_set: object = None
     teacher: torch.nn.Module = None        # distillation's frozen teacher (never DDP-wrapped), see build_teacher
-    bn_images: torch.Tensor = None         # [N, 3, S, S] train images for bn_refresh (rank 0 only), see refresh_bn
+    bn_images: torch.Tensor = None         # [N, 3, S, S] uint8 train images for bn_refresh (rank 0), see refresh_bn
     cfg_name: str = ''
     start_epoch: int = 0
     best_fitness: float = -1.0
@@ -573,7 +573,8 @@ def build(cfg, device=None, rank=0, world=1, ckpt=None, resume_path=None, names=
     run.terms = loss_terms(run)
     n = bn_refresh_count(cfg)
     if rank == 0 and n:
-        run.bn_images = calibrate.calibration_images(cfg.data, n, img_size, seed=cfg.seed, verbose=False)
+        images = calibrate.calibration_images(cfg.data, n, img_size, seed=cfg.seed, verbose=False)
+        run.bn_images = (images * 255).round().to(torch.uint8)    # exact: decoded 8-bit pixels; 1/4 the memory
         log(f"BatchNorm statistics re-estimated at every epoch end on {len(run.bn_images)} train images")
     if world > 1:
         run.train_model = torch.nn.parallel.DistributedDataParallel(
@@ -607,12 +608,14 @@ def bn_refresh_count(cfg):
 
 
 def refresh_bn(run):
-    """Re-estimate the evaluated weights' BatchNorm running statistics on run.bn_images (when set), in place:
-    the exact mean and biased variance of each BN's input over those images (calibrate.recalibrate_bn). Training
+    """Re-estimate the evaluated weights' BatchNorm running statistics on run.bn_images (when set), in place
+    (calibrate.recalibrate_bn: each BN's input moments over all the images, upstream BNs normalizing by each
+    batch's statistics as in training; the exact eval-mode moments when the images fit in one batch). Training
     is unaffected (train mode normalizes by batch statistics); evaluation and the checkpoints see statistics that
     match the current weights."""
     if run.bn_images is not None:
-        calibrate.recalibrate_bn(run.eval_model, run.bn_images, batch=run.loader.batch_size or 8)
+        batch = run.loader.batch_size or 8
+        calibrate.recalibrate_bn(run.eval_model, [x.float() / 255 for x in run.bn_images.split(batch)], batch=batch)
 
 
 def _log_start(run, batch):

@@ -311,10 +311,24 @@ def test_layer_keep_holds_under_a_flops_target(tmp_path):
     model = random_gamma_model(tmp_path, seed=12)
     ls = get_layer_set(model.module_defs, 'normal')
     hw = tuple(model.img_size)
-    plan = make_plan(model, ls, 'normal', target_flops=0.5, layer_keep=0.25)
+    plan = make_plan(model, ls, 'normal', target_flops=0.6, layer_keep=0.25)
     assert all(k.sum() >= math.ceil(0.25 * len(k)) for k in plan.keep.values())
-    assert plan.bflops[1] <= 0.5 * plan.bflops[0] + 1e-12
+    assert plan.bflops[1] <= 0.4 * plan.bflops[0] + 1e-12
     assert plan.bflops[1] == pytest.approx(model_info(compact_model(model, plan).defs, *hw)[1])
+    # the floor binds here: without it the same target leaves layers below a quarter of their channels
+    bare = make_plan(model, ls, 'normal', target_flops=0.6, min_keep=1)
+    assert plan.topped_up and any(k.sum() < math.ceil(0.25 * len(k)) for k in bare.keep.values())
+    # a target the floors put out of reach is refused naming the floor
+    with pytest.raises(DarkslimError, match=r'keeping its layer_keep 0.5 share; expected a smaller target_flops'):
+        make_plan(model, ls, 'normal', target_flops=0.5, layer_keep=0.5)
+
+
+def test_layer_keep_is_refused_with_steps(tmp_path):
+    import pruning                      # a K-step prune's floor would be a share of an already narrowed model
+    model = random_gamma_model(tmp_path)
+    with pytest.raises(DarkslimError, match='expected one step with layer_keep') as e:
+        pruning.prune(model, 'normal', pruning.PruneOptions(target_flops=0.3, steps=2, layer_keep=0.1))
+    assert e.value.param == 'layer_keep'
 
 
 @pytest.mark.parametrize('value', ['0', '1', '1.5'])
