@@ -76,13 +76,12 @@ def calibration_images(data_path, n, img_size, seed=0, verbose=True):
 
 
 def _batches(images, batch, device):
-    """Consecutive slices [b, 3, H, W] of `images` (a tensor, or a list of such batches) on `device`."""
-    if isinstance(images, (list, tuple)):
-        for x in images:
-            yield x.to(device)
-        return
-    for s in range(0, len(images), batch):
-        yield images[s:s + batch].to(device)
+    """Consecutive float slices [b, 3, H, W] of `images` (a tensor, or a list of such batches) on `device`; uint8
+    images (0..255, a quarter of the memory) are scaled to 0..1 one batch at a time."""
+    chunks = images if isinstance(images, (list, tuple)) else images.split(batch)
+    for x in chunks:
+        x = x.to(device)
+        yield x.float() / 255 if x.dtype == torch.uint8 else x
 
 
 def count_images(images):

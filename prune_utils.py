@@ -496,17 +496,18 @@ def _unit_keep(score, cut, slices, min_keep, round_to, layer_keep=None):
     keeping the same count k = the largest count the cut keeps in any slice (each slice topped up with its own
     highest-score channels: no channel the cut keeps is removed for the constraint's sake); an emptied unit
     keeps min(min_keep, slice size) per slice; k raised to the floor ceil(layer_keep * slice size); then
-    rounded up per `round_to`."""
+    rounded up per `round_to`. -> (mask, topped: the unit was emptied or raised to the floor)."""
     size = len(score) // slices
     per = cut.reshape(slices, size)
-    k = int(per.sum(1).max()) or min(min_keep or 0, size)
-    want = _round_up(max(k, keep_floor(size, layer_keep)), size, round_to)
+    k, floor = int(per.sum(1).max()), keep_floor(size, layer_keep)
+    topped = k < max(floor, 1)
+    want = _round_up(max(k or min(min_keep or 0, size), floor), size, round_to)
     out = per.copy()
     for j in range(slices):
         if per[j].sum() != want:                    # strongest first; ties by channel index
             out[j] = False
             out[j, np.argsort(-score[j * size:(j + 1) * size], kind='stable')[:want]] = True
-    return out.reshape(-1)
+    return out.reshape(-1), topped
 
 
 def keep_floor(size, layer_keep):
@@ -670,14 +671,11 @@ def _keep_masks(layer_set, units, unit_score, keeps, min_keep, round_to, layer_k
     topped = []
     keep = {i: np.zeros(layer_set.filters[i], dtype=bool) for i in layer_set.prunable}
     for u, s, cut in zip(units, unit_score, keeps):
-        if not cut.any():
-            if u.tail:                              # a tail may go whole: its layer keeps its group's channels
-                continue
-            topped += u.layers                      # emptied: only reached with min_keep/layer_keep
-        slices = layer_set.slices.get(u.layers[0], 1)
-        k = _unit_keep(s, cut, slices, min_keep, round_to, layer_keep)
-        if cut.any() and int(cut.reshape(slices, -1).sum(1).max()) < keep_floor(len(s) // slices, layer_keep):
-            topped += u.layers                      # raised to the layer_keep floor
+        if not cut.any() and u.tail:                # a tail may go whole: its layer keeps its group's channels
+            continue
+        k, raised = _unit_keep(s, cut, layer_set.slices.get(u.layers[0], 1), min_keep, round_to, layer_keep)
+        if raised:                                  # emptied (only reached with min_keep/layer_keep) or floored
+            topped += u.layers
         for i in u.layers:
             keep[i][u.start:u.stop] = k
     return keep, topped

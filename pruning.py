@@ -35,8 +35,8 @@ STRATEGIES = tuple(MODE_OF)
 class PruneOptions:
     """What to remove. Channels: exactly one of `percent`, `threshold` and `target_flops` (the fraction of the
     model's BFLOPs at `img_hw` to remove; none for a block-only layer prune), `min_keep`, `layer_keep` (a floor:
-    the share of every prunable layer kept at least), `round_to` ('pow2' or N), `importance` (importance.IMPORTANCES), `greedy` (l1: norms without inputs removed upstream). Blocks:
-    `n_blocks`.
+    the share of every prunable layer kept at least), `round_to` ('pow2' or N), `importance`
+    (importance.IMPORTANCES), `greedy` (l1: norms without inputs removed upstream). Blocks: `n_blocks`.
     `calib_steps`: the calibration steps run when images are given. `plan`: a stored plan (Plan.to_json or
     LayerPlan.to_json) to replay instead of choosing channels and blocks (the other choices are then unused).
     `distill_iters`: label-free distillation steps after calibration (distill.distill, its keyword options in

@@ -614,8 +614,7 @@ def refresh_bn(run):
     is unaffected (train mode normalizes by batch statistics); evaluation and the checkpoints see statistics that
     match the current weights."""
     if run.bn_images is not None:
-        batch = run.loader.batch_size or 8
-        calibrate.recalibrate_bn(run.eval_model, [x.float() / 255 for x in run.bn_images.split(batch)], batch=batch)
+        calibrate.recalibrate_bn(run.eval_model, run.bn_images, batch=run.loader.batch_size or 8)
 
 
 def _log_start(run, batch):

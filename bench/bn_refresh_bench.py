@@ -45,9 +45,8 @@ def val_map(model, data, img_size):
     return round(res['mAP50'], 4), round(res['mAP50_95'], 4)
 
 
-def refreshed(model, data, n, img_size, batch, seed):
-    """A copy of `model` with every BN's running statistics re-estimated on n train images -> (model, seconds)."""
-    images = calibrate.calibration_images(data, n, img_size, seed=seed, verbose=False)
+def refreshed(model, images, batch):
+    """A copy of `model` with every BN's running statistics re-estimated on `images` -> (model, seconds)."""
     out = copy.deepcopy(model)
     t = time.perf_counter()
     calibrate.recalibrate_bn(out, images, batch=batch)
@@ -58,6 +57,9 @@ def main(args):
     torch.set_num_threads(args.threads)
     load_start = load_average()
     total = len(list_images(parse_data_cfg(args.data)['train']))
+    counts = [min(n or total, total) for n in args.images]
+    images = {n: calibrate.calibration_images(args.data, n, args.img_size, seed=args.seed, verbose=False)
+              for n in sorted(set(counts))}                  # decoded once, shared by every model
     rows, table = [], [['model', 'BN statistics', 'val mAP@0.5', 'mAP@.5:.95', 'refresh s']]
     for spec in args.model:
         name, _, ckpt = spec.partition('=')
@@ -65,14 +67,13 @@ def main(args):
         m50, m5095 = val_map(model, args.data, args.img_size)
         rows.append({'model': name, 'checkpoint': ckpt, 'images': None, 'mAP50': m50, 'mAP50_95': m5095})
         table.append([name, 'as trained', m50, m5095, ''])
-        for n in args.images:
-            n = n or total
-            net, seconds = refreshed(model, args.data, n, args.img_size, args.batch_size, args.seed)
+        for n in counts:
+            net, seconds = refreshed(model, images[n], args.batch_size)
             m50, m5095 = val_map(net, args.data, args.img_size)
-            rows.append({'model': name, 'checkpoint': ckpt, 'images': min(n, total), 'mAP50': m50,
-                         'mAP50_95': m5095, 'refresh_seconds': round(seconds, 2)})
-            table.append([name, f"re-estimated on {min(n, total)} train images", m50, m5095, f"{seconds:.1f}"])
-            print(f"{name}: {min(n, total)} images -> val mAP@0.5 {m50}", flush=True)
+            rows.append({'model': name, 'checkpoint': ckpt, 'images': n, 'mAP50': m50, 'mAP50_95': m5095,
+                         'refresh_seconds': round(seconds, 2)})
+            table.append([name, f"re-estimated on {n} train images", m50, m5095, f"{seconds:.1f}"])
+            print(f"{name}: {n} images -> val mAP@0.5 {m50}", flush=True)
     print_table(table, 'val split: BN running statistics as trained vs re-estimated')
     write_result('bn-refresh', {'data': args.data, 'img_size': args.img_size, 'batch_size': args.batch_size,
                                 'seed': args.seed, 'split': 'valid', 'note': args.note, 'rows': rows}, load_start,
