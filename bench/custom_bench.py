@@ -19,7 +19,8 @@ the end, never to choose anything.
     smallest --percent that removes >= 50 % and >= 70 % of the dense parameters, every layer keeping at least
     --layer-keep of its channels (chosen on val: a layer left with 1-2 channels starves every head after it,
     and fine-tuning cannot widen it again); for comparison the dense
-    model pruned post-training (no sparse training: importance `act`, calibrated) to the same BFLOPs
+    model pruned post-training (no sparse training: importance `act`, calibrated, the same floor) to the same
+    BFLOPs (post-SHARE) and to the same share of parameters (post-pSHARE)
  5. fine-tune each prune F epochs: the plain sparse model's prunes without and with --teacher (the dense
     model), the others with it
  6. every model: params, BFLOPs, CPU latency (batch 1, fused, all timed alternately, --threads), mAP@0.5 and
@@ -160,15 +161,18 @@ def write_model(model, path_stem):
     return cfg, weights
 
 
-def percent_for_params(model, share, size, min_keep, layer_keep=None):
+def percent_for_params(model, share, size, min_keep, layer_keep=None, importance='gamma', images=None):
     """The smallest tiny-prune --percent (to 1e-3) whose compact model has at most (1 - share) of `model`'s
-    parameters, by bisection (more percent never keeps more parameters)."""
+    parameters under `importance` (scored once; `images`: its calibration images), by bisection (more percent
+    never keeps more parameters)."""
     layer_set = prune_utils.get_layer_set(model.module_defs, 'tiny')
+    scores = prune_utils.score_channels(model, layer_set, importance, images)
     limit = (1 - share) * model_info(model.defs, size, size)[0]
 
     def params_at(p):
-        plan = prune_utils.make_plan(model, layer_set, 'tiny', percent=p, min_keep=min_keep, layer_keep=layer_keep)
-        return model_info(prune_utils.compact_model(model, plan).defs, size, size)[0]
+        plan = prune_utils.plan_from_scores(layer_set, 'tiny', scores, percent=p, min_keep=min_keep,
+                                            layer_keep=layer_keep)
+        return model_info(prune_utils.compact_defs(model, plan), size, size)[0]
 
     lo, hi = 0.0, 0.999
     if params_at(hi) > limit:
@@ -181,25 +185,36 @@ def percent_for_params(model, share, size, min_keep, layer_keep=None):
 
 def prune_sparse(sparse, share, images, args, stem):
     """The sparse model pruned (tiny, calibrated) to remove >= `share` of its parameters -> (cfg, weights, info)."""
-    layer_keep = args.layer_keep or None
-    percent = percent_for_params(sparse, share, args.img_size, args.min_keep, layer_keep)
+    percent = percent_for_params(sparse, share, args.img_size, args.min_keep, args.layer_keep or None)
     t = time.perf_counter()
     result = pruning.prune(sparse, 'tiny', pruning.PruneOptions(percent=percent, min_keep=args.min_keep,
-                                                                layer_keep=layer_keep), images=images)
+                                                                layer_keep=args.layer_keep or None), images=images)
     info = {'percent': percent, 'surgery_seconds': round(time.perf_counter() - t, 1)}
     return (*write_model(result.nets['compact'], stem), info)
 
 
-def prune_post_training(dense, target_flops, images, args, stem):
-    """The dense model pruned without sparse training (importance act, calibrated) to remove `target_flops` of
-    its BFLOPs -> (cfg, weights, info)."""
+def prune_post_training(dense, images, args, stem, target_flops=None, share=None):
+    """The dense model pruned without sparse training (importance act, calibrated): to remove `target_flops` of
+    its BFLOPs, or at the smallest --percent removing >= `share` of its parameters -> (cfg, weights, info)."""
+    layer_keep = args.layer_keep or None
+    percent = None if share is None else percent_for_params(dense, share, args.img_size, args.min_keep,
+                                                            layer_keep, 'act', images)
     t = time.perf_counter()
-    options = pruning.PruneOptions(target_flops=target_flops, importance='act', min_keep=args.min_keep,
-                                   img_hw=(args.img_size, args.img_size), layer_keep=args.layer_keep or None)
+    options = pruning.PruneOptions(percent=percent, target_flops=target_flops, importance='act',
+                                   min_keep=args.min_keep, img_hw=(args.img_size, args.img_size),
+                                   layer_keep=layer_keep)
     result = pruning.prune(dense, 'tiny', options, images=images)
-    info = {'target_flops': round(target_flops, 4), 'importance': 'act',
+    info = {'percent': percent, 'target_flops': target_flops and round(target_flops, 4), 'importance': 'act',
             'surgery_seconds': round(time.perf_counter() - t, 1)}
     return (*write_model(result.nets['compact'], stem), info)
+
+
+def skipped(bench, args):
+    """True (and a line saying why) when the dataset or the base model is missing: the bench needs ../shared."""
+    missing = [p for p in (args.voc, args.base_cfg, args.base_weights) if not os.path.exists(p)]
+    if missing:
+        print(f"{bench}: skipped, missing {', '.join(missing)} (needs ../shared)")
+    return bool(missing)
 
 
 def first_test_image(data):
@@ -325,10 +340,14 @@ def pipeline(work, args, data):
                      for ft_tag, extra in fts]
         removed = 1 - model_info(load_model(f"{work}/sparse-{share:g}.cfg").defs, args.img_size,
                                  args.img_size)[1] / dense_bflops
-        p_cfg, p_weights, info = prune_post_training(dense, removed, images, args, f"{work}/post-{share:g}")
-        rows.append(Row(f"post-{share:g}", f"dense pruned post-training (act) to -{removed:.0%} BFLOPs", p_cfg,
-                        p_weights))
-        rows.append(finetune(work, f"post-{share:g}", 'ft-kd', teacher, p_cfg, p_weights, data, args, seconds))
+        floor = f" --layer-keep {args.layer_keep:g}" if args.layer_keep else ''
+        for tag, made, aim in ((f"post-{share:g}", f"to -{removed:.0%} BFLOPs (as sparse-{share:g})",
+                                {'target_flops': removed}),
+                               (f"post-p{share:g}", f"to -{share:.0%} params", {'share': share})):
+            p_cfg, p_weights, info = prune_post_training(dense, images, args, f"{work}/{tag}", **aim)
+            percent = f" --percent {info['percent']}" if info['percent'] is not None else ''
+            rows.append(Row(tag, f"dense pruned post-training (act{percent}{floor}) {made}", p_cfg, p_weights))
+            rows.append(finetune(work, tag, 'ft-kd', teacher, p_cfg, p_weights, data, args, seconds))
     return rows
 
 
@@ -357,9 +376,7 @@ def checks(rows, data, work):
 def main(args):
     if args.markdown:
         return markdown(args.results_dir)
-    missing = [p for p in (args.voc, args.base_cfg, args.base_weights) if not os.path.exists(p)]
-    if missing:
-        print(f"custom_bench: skipped, missing {', '.join(missing)} (needs ../shared)")
+    if skipped('custom_bench', args):
         return 0
     torch.set_num_threads(args.threads)
     load = load_average()
@@ -374,7 +391,7 @@ def main(args):
         if args.picture:
             final = next(r for r in rows if r.name == f"sparse-{max(args.params):g}-ft-kd")
             side_by_side([('dense', load_model(rows[0].cfg, rows[0].weights)),
-                          (f"{final.name} ({1 - final.params / rows[0].params:.0%} params)",
+                          (f"{final.name} (-{1 - final.params / rows[0].params:.0%} params)",
                            load_model(final.cfg, final.weights))], image, names, args.picture, args.img_size)
         n_test = len(list_images(parse_data_cfg(data)['test']))
     print_table(table(rows), title=f"BCCD test split ({n_test} images)")

@@ -65,9 +65,10 @@ def test_the_bench_runs_end_to_end_at_toy_size(tmp_path):
               for k, r in rows.items()}
     for share in (0.5, 0.7):
         for name in (f"sparse-{share:g}", f"sparse-kd-{share:g}", f"sparse-{share:g}-ft", f"sparse-{share:g}-ft-kd",
-                     f"sparse-kd-{share:g}-ft-kd", f"post-{share:g}-ft-kd"):
+                     f"sparse-kd-{share:g}-ft-kd", f"post-{share:g}-ft-kd", f"post-p{share:g}-ft-kd"):
             assert params[name] == rows[name]['params']                  # counted from the written files
-        assert params[f"sparse-{share:g}"] <= (1 - share) * params['dense']
+        for name in (f"sparse-{share:g}", f"post-p{share:g}"):
+            assert params[name] <= (1 - share) * params['dense']
     assert rows['dense']['params'] == params['dense']
     for r in rows.values():                                              # every model read the test split once
         assert 0 <= r['test']['mAP50'] <= 1 and r['latency_ms'] > 0
