@@ -14,6 +14,7 @@ Writes bench/results/slim.json (each part under its key; a part not run keeps it
 """
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import tempfile
@@ -52,6 +53,8 @@ def get_args_parser():
     p.add_argument('--distill-bn', nargs='+', default=['frozen'], help='frozen, train')
     p.add_argument('--distill-batch', type=int, default=8)
     p.add_argument('--steps', type=int, nargs='+', default=[1], help='iterative steps (pruning.prune steps)')
+    p.add_argument('--layer-keep', type=float, nargs='+', default=[0],
+                   help='share of every prunable layer kept at least (0: no floor; tiny_prune --layer-keep)')
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--key', help='store under this key of slim.json (default: the part)')
     p.add_argument('--markdown', metavar='KEY', nargs='+',
@@ -85,13 +88,15 @@ def splits(folder):
 
 
 def one(model, data, cfg):
-    """One configuration (a dict: target, importance, normalize, steps, calib, distill, loss, lr, bn, batch, k):
+    """One configuration (a dict: target, importance, normalize, steps, calib, distill, loss, lr, bn, batch, k,
+    layer_keep):
     plan, surgery, calibration, distillation through pruning.prune; mAP of the stages on the .data's valid."""
     t0 = time.perf_counter()
     images = calibrate.calibration_images(data, cfg['calib'], SIZE, verbose=False)
     files = calibrate.calibration_files(data, cfg['calib'])
     t_img = time.perf_counter() - t0
     opts = pruning.PruneOptions(target_flops=cfg['target'], min_keep=8, importance=cfg['importance'],
+                                layer_keep=cfg.get('layer_keep'),
                                 calib_steps=STAGES[cfg['stage']], img_hw=(SIZE, SIZE), steps=cfg['k'],
                                 distill_iters=cfg['distill'], distill={'loss': cfg['loss'], 'lr': cfg['lr'],
                                                                         'bn': cfg['bn'], 'batch': cfg['batch']})
@@ -102,7 +107,7 @@ def one(model, data, cfg):
     total = time.perf_counter() - t0
     maps = {}
     for name, net in list(result.stages.items()) + [(result.final_stage, result.nets['compact'])]:
-        if cfg['quick'] and name != result.final_stage and name != 'bn':
+        if cfg['quick'] and name not in (result.final_stage, 'mean', 'bn'):
             continue                                    # select: only the stages compared (calibrated, distilled)
         r = evaluate(net, data, img_size=SIZE, batch_size=8, verbose=False)
         maps[name] = {'mAP50': round(r['mAP50'], 4), 'mAP50_95': round(r['mAP50_95'], 4)}
@@ -115,21 +120,14 @@ def one(model, data, cfg):
 
 
 def configs(args, n_select):
+    """Every combination of the options' lists, as the dicts `one` runs (select: calibrated on n_select)."""
     n_calibs = [n_select] if args.part == 'select' else args.calib
-    for n in n_calibs:
-        for target in args.targets:
-            for imp in args.importances:
-                for norm in args.normalize:
-                    for stage in args.stages:
-                        for iters in args.distill:
-                            for loss in args.distill_loss:
-                                for lr in args.distill_lr:
-                                    for bn in args.distill_bn:
-                                        for k in args.steps:
-                                            yield {'target': target, 'importance': imp, 'normalize': norm,
-                                                   'stage': stage, 'calib': n, 'distill': iters, 'loss': loss,
-                                                   'lr': lr, 'bn': bn, 'batch': args.distill_batch, 'k': k,
-                                                   'quick': args.part == 'select'}
+    grid = itertools.product(n_calibs, args.targets, args.importances, args.normalize, args.stages, args.distill,
+                             args.distill_loss, args.distill_lr, args.distill_bn, args.steps, args.layer_keep)
+    for n, target, imp, norm, stage, iters, loss, lr, bn, k, floor in grid:
+        yield {'target': target, 'importance': imp, 'normalize': norm, 'stage': stage, 'calib': n,
+               'distill': iters, 'loss': loss, 'lr': lr, 'bn': bn, 'batch': args.distill_batch, 'k': k,
+               'layer_keep': floor or None, 'quick': args.part == 'select'}
 
 
 def markdown(keys):
@@ -168,8 +166,8 @@ def main(args):
         for cfg in configs(args, n_select):
             rows.append(one(model, data, cfg))
             print(json.dumps(rows[-1]), flush=True)
-    cols = ['target', 'importance', 'normalize', 'stage', 'calib', 'distill', 'loss', 'lr', 'bn', 'k', 'bflops',
-            'mAP50', 'mAP50_95']
+    cols = ['target', 'importance', 'normalize', 'stage', 'calib', 'distill', 'loss', 'lr', 'bn', 'k', 'layer_keep',
+            'bflops', 'mAP50', 'mAP50_95']
     table = [cols] + [[r[c] for c in cols] for r in rows]
     print_table(table, title=f" slim {args.part} ")
     key = args.key or args.part
