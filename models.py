@@ -701,7 +701,7 @@ def convert(cfg, weights, out):
 def make_cfg(base, classes, out):
     """The same network for `classes` classes: each conv feeding a [yolo] gets len(mask)*(classes+5) filters."""
     if classes < 1:
-        raise DarkslimError(f"--classes {classes}; expected a positive class count")
+        raise DarkslimError(f"{{classes}} {classes}; expected a positive class count", param='classes')
     refuse_overwrite(out, base)
     defs = with_classes(parse_cfg(base), classes)
     write_cfg(out, defs)
@@ -795,7 +795,10 @@ def main(args):
     elif args.command == 'convert':
         convert(args.cfg, args.weights, args.out)
     elif args.command == 'make-cfg':
-        make_cfg(args.base, args.classes, args.out)
+        try:
+            make_cfg(args.base, args.classes, args.out)
+        except DarkslimError as e:                      # the library names its parameter; show the flag
+            raise DarkslimError(e.shown({'classes': '--classes'})) from None
     elif args.command == 'export':
         if args.batch < 1:
             raise DarkslimError(f"--batch {args.batch}; expected a positive batch size")

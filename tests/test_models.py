@@ -308,6 +308,17 @@ def test_make_cfg_changes_only_heads_and_classes(tmp_path):
     assert model(torch.zeros(1, 3, 64, 64))[0].shape[-1] == 8
 
 
+def test_a_class_count_below_one_is_refused_by_parameter_in_the_library_and_by_flag_in_the_cli(tmp_path):
+    base = REPO / 'cfg' / 'yolov3-tiny.cfg'
+    with pytest.raises(DarkslimError) as e:
+        make_cfg(base, 0, tmp_path / 'lib.cfg')
+    assert str(e.value).startswith('classes 0;') and '--' not in str(e.value) and e.value.param == 'classes'
+    r = subprocess.run([sys.executable, 'models.py', 'make-cfg', '--base', str(base), '--classes', '0', '--out',
+                        str(tmp_path / 'cli.cfg')], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith('error: --classes 0;') and r.stderr.count('\n') == 1
+    assert not list(tmp_path.iterdir())                                  # nothing written by either
+
+
 def test_load_model_without_random_init_equals_the_plain_route(tmp_path):
     # load_model skips PyTorch's random init when the file provides every tensor; the result must not depend on it
     cfg = write(tmp_path, 'm.cfg', mini_yolov3(nc=3))

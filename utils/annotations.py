@@ -28,7 +28,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
 
-from utils.datasets import _header_size, img2label_path, imread, load_names
+from utils.datasets import header_size, img2label_path, imread, load_names
 from utils.errors import DarkslimError
 
 SPLITS = ('train', 'val', 'test')
@@ -461,7 +461,7 @@ def _image_size(sample):
     it: the PNG/JPEG header, else the decoded image (EXIF orientation ignored)."""
     if not os.path.isfile(sample.image):
         return None, NOT_FOUND
-    hw = _header_size(sample.image)
+    hw = header_size(sample.image)
     if hw is None:
         try:
             hw = imread(sample.image).shape[:2]

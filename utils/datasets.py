@@ -406,7 +406,7 @@ def random_affine(img, targets, degrees=0.0, translate=0.1, scale=0.25, shear=0.
 # ----------------------------------------------------------------------------------------------------------------
 # image sizes without decoding (PNG/JPEG headers); other formats are decoded
 
-def _header_size(path):
+def header_size(path):
     """(h, w) read from a PNG or JPEG header, or None if not recognised."""
     try:
         with open(path, 'rb') as f:
@@ -514,7 +514,7 @@ class LoadImagesAndLabels(Dataset):
             if cache:
                 self.imgs[i], hw0, _ = self._load_resized(i)
             else:
-                hw0 = _header_size(p) or imread(p).shape[:2]
+                hw0 = header_size(p) or imread(p).shape[:2]
             shapes.append(hw0)
         self.shapes = np.array(shapes, dtype=np.int64).reshape(-1, 2)
 
