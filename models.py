@@ -798,7 +798,7 @@ def main(args):
         try:
             make_cfg(args.base, args.classes, args.out)
         except DarkslimError as e:                      # the library names its parameter; show the flag
-            raise DarkslimError(e.shown({'classes': '--classes'})) from None
+            raise DarkslimError(e.shown({'classes': '--classes'}), param=e.param) from None
     elif args.command == 'export':
         if args.batch < 1:
             raise DarkslimError(f"--batch {args.batch}; expected a positive batch size")

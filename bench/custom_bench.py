@@ -32,6 +32,7 @@ Writes bench/results/custom.json.
 import argparse
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -176,11 +177,12 @@ def percent_for_params(model, share, size, min_keep, layer_keep=None, importance
 
     lo, hi = 0.0, 0.999
     if params_at(hi) > limit:
-        raise SystemExit(f"no --percent removes {share:.0%} of the parameters (min-keep {min_keep})")
+        raise SystemExit(f"no --percent removes {share:.0%} of the parameters (importance {importance}, min-keep "
+                         f"{min_keep}, layer-keep {layer_keep})")
     while hi - lo > 1e-3:
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if params_at(mid) <= limit else (mid, hi)
-    return round(hi, 4)
+    return math.ceil(hi * 1e4) / 1e4                  # rounded up: the percent still meets the limit
 
 
 def prune_sparse(sparse, share, images, args, stem):
@@ -395,7 +397,7 @@ def main(args):
                            load_model(final.cfg, final.weights))], image, names, args.picture, args.img_size)
         n_test = len(list_images(parse_data_cfg(data)['test']))
     print_table(table(rows), title=f"BCCD test split ({n_test} images)")
-    options = {k: v for k, v in vars(args).items() if k not in ('markdown', 'reuse')}
+    options = {k: v for k, v in vars(args).items() if k != 'markdown'}     # reuse: trainings taken from work_dir
     for r in rows:                                 # paths inside the work folder mean nothing afterwards
         r.cfg, r.weights = os.path.basename(r.cfg), os.path.basename(r.weights)
     write_result('custom', {'options': options, 'total_seconds': round(time.perf_counter() - t0, 1),

@@ -1,6 +1,7 @@
 """Which sparsity schedule to sparse-train with, measured on BCCD val: the rate decaying linearly from --s to
---s * --s-final over the epochs, the same mean rate held constant, and that constant rate with --sr-local (the
-rate of each layer decaying on its own). Each schedule trains E epochs of -sr --prune 2 from the same dense
+--s * --s-final over the epochs, the same mean rate held constant, and that constant rate with --sr-local (from
+half-way on, only the smallest-|gamma| half of the channels, ranked over all layers, keeps it; the others get 1 %
+of it). Each schedule trains E epochs of -sr --prune 2 from the same dense
 model; each sparse model is then pruned (tiny, calibrated, --layer-keep) at the smallest --percent removing
 >= 50 % and >= 70 % of its parameters, before any fine-tuning. The schedule whose prunes keep the most val
 mAP@0.5 (mean over the shares) is the one bench/custom_bench.py uses.
@@ -28,7 +29,7 @@ from prune_utils import get_layer_set
 from utils.datasets import parse_data_cfg
 from utils.errors import cli_main
 from utils.evaluate import evaluate
-from utils.sparsity import sparsity_stats
+from utils.sparsity import SMALL_GAMMA, sparsity_stats
 
 SPARSE_MODE = 2                                     # -sr --prune 2: the tiny strategy's layer set
 
@@ -58,8 +59,8 @@ def get_args_parser():
 
 
 def schedules(args):
-    """[(run name, description, train.py options)]: the constant rate is the linear one's mean, so the three
-    runs spend the same total L1 pressure."""
+    """[(run name, description, train.py options)]: the constant rate is the linear one's mean, so the linear
+    and constant runs apply the same total L1 rate (the local run less: it spares the larger channels)."""
     mean = args.s * (1 + args.s_final) / 2
     sr = {'sr': True, 'prune': SPARSE_MODE}
     return [('sparse', f"linear: --s {args.s:g} --s-final {args.s_final:g}", {**sr, 's': args.s,
@@ -113,14 +114,14 @@ def main(args):
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(args.work_dir or tmp, args)
-    table = [['schedule', 'val mAP@0.5', '|γ| < 0.01', 'median |γ|']
+    table = [['schedule', 'val mAP@0.5', f"|γ| < {SMALL_GAMMA}", 'median |γ|']
              + [f"val mAP@0.5, -{s:.0%} params" for s in args.params]]
     table += [[r['made'], r['val_mAP50'], f"{r['gamma_small_share']:.1%}", r['gamma_median']]
               + [p['val_mAP50'] for p in r['prunes']] for r in rows]
     best = max(rows, key=lambda r: sum(p['val_mAP50'] for p in r['prunes']))
     print_table(table, title='BCCD val: sparse models and their prunes before fine-tuning')
     print(f"best (mean val mAP@0.5 of the prunes): {best['made']}")
-    options = {k: v for k, v in vars(args).items() if k != 'reuse'}
+    options = vars(args)                          # with reuse: whether finished trainings were taken from work_dir
     write_result('schedule', {'options': options, 'split': 'val (train: training and calibration)',
                               'best': best['name'], 'total_seconds': round(time.perf_counter() - t0, 1),
                               'rows': rows}, load, folder=args.results_dir)

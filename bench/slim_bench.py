@@ -108,7 +108,7 @@ def one(model, data, cfg):
     maps = {}
     for name, net in list(result.stages.items()) + [(result.final_stage, result.nets['compact'])]:
         if cfg['quick'] and name not in (result.final_stage, 'mean', 'bn'):
-            continue                                    # select: only the stages compared (calibrated, distilled)
+            continue                                    # select: only the stages compared (mean, bn, final)
         r = evaluate(net, data, img_size=SIZE, batch_size=8, verbose=False)
         maps[name] = {'mAP50': round(r['mAP50'], 4), 'mAP50_95': round(r['mAP50_95'], 4)}
     params, bflops = model_info(result.nets['compact'].defs, SIZE, SIZE)
@@ -133,15 +133,16 @@ def configs(args, n_select):
 def markdown(keys):
     """The stored rows of `keys` as a markdown table: mAP@0.5 of every stage that was evaluated."""
     stored = json.load(open(os.path.join(RESULTS, 'slim.json')))
-    lines = ['| BFLOPs removed (target) | importance | calib images | β fold | mean | mean+bn | distill (iters) | '
-             'mAP@0.5:0.95 (final) | prune s |', '|---|---|---|---|---|---|---|---|---|']
+    lines = ['| BFLOPs removed (target) | importance | layer-keep | calib images | β fold | mean | mean+bn | '
+             'distill (iters) | mAP@0.5:0.95 (final) | prune s |', '|---|---|---|---|---|---|---|---|---|---|']
     for key in keys:
         for r in stored[key]['rows']:
             st = r['stages']
             cell = lambda name: f"{st[name]['mAP50']:.3f}" if name in st else ''     # noqa: E731
             dist = f"{cell('distill')} ({r['distill']})" if r['distill'] else ''
             removed = 1 - r['bflops'] / stored[key]['original']['bflops']
-            lines.append(f"| {removed:.1%} ({r['target']}) | {r['importance']} | {r['calib']} | {cell('beta_fold')} | "
+            lines.append(f"| {removed:.1%} ({r['target']}) | {r['importance']} | {r.get('layer_keep') or ''} | "
+                         f"{r['calib']} | {cell('beta_fold')} | "
                          f"{cell('mean')} | {cell('bn')} | {dist} | {r['mAP50_95']:.3f} | "
                          f"{r['seconds'].get('prune_total', '')} |")
     print('\n'.join(lines))
@@ -150,6 +151,8 @@ def markdown(keys):
 def main(args):
     if args.markdown:
         return markdown(args.markdown)
+    if any(args.layer_keep) and max(args.steps) > 1:
+        raise SystemExit("slim_bench: --layer-keep is for one-step prunes; run --steps K > 1 without it")
     if not (os.path.isdir(MODEL_DIR) and os.path.isdir(COCO128)):
         print(f"skipped: needs {MODEL_DIR} and {COCO128}")
         return None

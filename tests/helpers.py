@@ -497,3 +497,35 @@ def free_port():
             return s.getsockname()[1]
     except OSError:
         return None
+
+
+# --- a toy Pascal VOC dataset -------------------------------------------------------------------------------
+
+VOC_SPLITS = {'train': 4, 'val': 2, 'test': 2}
+
+
+def voc_root(root, size=96):
+    """JPEGImages/Annotations/ImageSets/Main for VOC_SPLITS: grey images with a bright box and a dark disc each."""
+    for sub in ('JPEGImages', 'Annotations', 'ImageSets/Main'):
+        (root / sub).mkdir(parents=True)
+    k = 0
+    for split, n in VOC_SPLITS.items():
+        stems = []
+        for _ in range(n):
+            stem = f"img{k:02d}"
+            img = np.full((size, size, 3), 120, np.uint8)
+            x = 10 + 7 * k % 40
+            cv2.rectangle(img, (x, 20), (x + 30, 50), (250, 250, 250), -1)
+            cv2.circle(img, (70, 70), 10, (10, 10, 10), -1)
+            cv2.imwrite(str(root / 'JPEGImages' / f"{stem}.jpg"), img)
+            objs = [('cell', (x, 20, x + 30, 50)), ('dot', (60, 60, 80, 80))]
+            xml = ''.join(f"<object><name>{c}</name><difficult>0</difficult><bndbox><xmin>{b[0]}</xmin>"
+                          f"<ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+                          for c, b in objs)
+            (root / 'Annotations' / f"{stem}.xml").write_text(
+                f"<annotation><filename>{stem}.jpg</filename><size><width>{size}</width><height>{size}</height>"
+                f"<depth>3</depth></size>{xml}</annotation>")
+            stems.append(stem)
+            k += 1
+        (root / 'ImageSets' / 'Main' / f"{split}.txt").write_text('\n'.join(stems) + '\n')
+    return root

@@ -8,8 +8,7 @@ import torch
 
 from bench import schedule_bench
 from models import Darknet, load_model
-from tests.helpers import mini_tiny, randomize_, write
-from tests.test_custom_bench import voc_root
+from tests.helpers import mini_tiny, randomize_, voc_root, write
 from utils.darknet_weights import save_weights
 
 
