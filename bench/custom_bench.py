@@ -21,8 +21,8 @@ the end, never to choose anything.
     and fine-tuning cannot widen it again); for comparison the dense
     model pruned post-training (no sparse training: importance `act`, calibrated, the same floor) to the same
     BFLOPs (post-SHARE) and to the same share of parameters (post-pSHARE)
- 5. fine-tune each prune F epochs: the plain sparse model's prunes without and with --teacher (the dense
-    model), the others with it
+ 5. fine-tune each prune F epochs: the plain sparse model's prunes and the post-pSHARE prunes without and with
+    --teacher (the dense model), the others with it
  6. every model: params, BFLOPs, CPU latency (batch 1, fused, all timed alternately, --threads), mAP@0.5 and
     @0.5:0.95 on test; each fine-tuned prune run by the original darknet (`detector test` finds cells; its
     [yolo] buffers vs ours) and OpenCV on a test image; docs/bccd-dense-vs-pruned.png: the dense and the
@@ -59,7 +59,7 @@ from utils.errors import cli_main
 from utils.evaluate import evaluate
 from utils.io import write_bytes_atomic
 from utils.latency import latencies
-from utils.parse_config import write_cfg
+from utils.parse_config import parse_cfg, write_cfg
 
 SHARED = os.path.join(os.path.dirname(REPO), 'shared')
 BCCD = os.path.join(SHARED, 'datasets', 'bccd', 'BCCD')
@@ -90,7 +90,8 @@ def get_args_parser():
     p.add_argument('--threads', type=int, default=2, help='torch threads for training and latency')
     p.add_argument('--latency-runs', type=int, default=30)
     p.add_argument('--work-dir', help='keep the converted data and trained models here (default: a temp folder)')
-    p.add_argument('--reuse', action='store_true', help='with --work-dir: reuse trainings already finished there')
+    p.add_argument('--reuse', action='store_true',
+                   help='with --work-dir: reuse trainings finished there, and prunes whose layer widths match')
     p.add_argument('--results-dir', default=RESULTS, help='where custom.json goes')
     p.add_argument('--picture', default=PICTURE, help='the side-by-side PNG (empty: none)')
     p.add_argument('--markdown', action='store_true', help='print the README table from custom.json and exit')
@@ -185,9 +186,29 @@ def percent_for_params(model, share, size, min_keep, layer_keep=None, importance
     return math.ceil(hi * 1e4) / 1e4                  # rounded up: the percent still meets the limit
 
 
+def reused_prune(args, model, stem, **plan_options):
+    """With --reuse: the prune already written at `stem` (cfg, weights) when its layer widths are the ones
+    `plan_options` give now (a global threshold keeps each layer's highest scores, so equal widths are the same
+    channels), else None."""
+    cfg, weights = stem + '.cfg', stem + '.weights'
+    if not (args.reuse and os.path.isfile(cfg) and os.path.isfile(weights)):
+        return None
+    layer_set = prune_utils.get_layer_set(model.module_defs, 'tiny')
+    plan = prune_utils.make_plan(model, layer_set, 'tiny', img_hw=(args.img_size, args.img_size), **plan_options)
+    widths = [d.get('filters') for d in prune_utils.compact_defs(model, plan)]
+    if widths != [d.get('filters') for d in parse_cfg(cfg)]:
+        return None
+    print(f"reusing {cfg}", flush=True)
+    return cfg, weights
+
+
 def prune_sparse(sparse, share, images, args, stem):
     """The sparse model pruned (tiny, calibrated) to remove >= `share` of its parameters -> (cfg, weights, info)."""
     percent = percent_for_params(sparse, share, args.img_size, args.min_keep, args.layer_keep or None)
+    reused = reused_prune(args, sparse, stem, percent=percent, min_keep=args.min_keep,
+                          layer_keep=args.layer_keep or None)
+    if reused:
+        return (*reused, {'percent': percent, 'reused': True})
     t = time.perf_counter()
     result = pruning.prune(sparse, 'tiny', pruning.PruneOptions(percent=percent, min_keep=args.min_keep,
                                                                 layer_keep=args.layer_keep or None), images=images)
@@ -201,13 +222,17 @@ def prune_post_training(dense, images, args, stem, target_flops=None, share=None
     layer_keep = args.layer_keep or None
     percent = None if share is None else percent_for_params(dense, share, args.img_size, args.min_keep,
                                                             layer_keep, 'act', images)
+    info = {'percent': percent, 'target_flops': target_flops and round(target_flops, 4), 'importance': 'act'}
+    reused = reused_prune(args, dense, stem, percent=percent, target_flops=target_flops, importance='act',
+                          images=images, min_keep=args.min_keep, layer_keep=layer_keep)
+    if reused:
+        return (*reused, {**info, 'reused': True})
     t = time.perf_counter()
     options = pruning.PruneOptions(percent=percent, target_flops=target_flops, importance='act',
                                    min_keep=args.min_keep, img_hw=(args.img_size, args.img_size),
                                    layer_keep=layer_keep)
     result = pruning.prune(dense, 'tiny', options, images=images)
-    info = {'percent': percent, 'target_flops': target_flops and round(target_flops, 4), 'importance': 'act',
-            'surgery_seconds': round(time.perf_counter() - t, 1)}
+    info['surgery_seconds'] = round(time.perf_counter() - t, 1)
     return (*write_model(result.nets['compact'], stem), info)
 
 
@@ -349,7 +374,8 @@ def pipeline(work, args, data):
             p_cfg, p_weights, info = prune_post_training(dense, images, args, f"{work}/{tag}", **aim)
             percent = f" --percent {info['percent']}" if info['percent'] is not None else ''
             rows.append(Row(tag, f"dense pruned post-training (act{percent}{floor}) {made}", p_cfg, p_weights))
-            rows.append(finetune(work, tag, 'ft-kd', teacher, p_cfg, p_weights, data, args, seconds))
+            fts = (('ft', {}), ('ft-kd', teacher)) if tag.startswith('post-p') else (('ft-kd', teacher),)
+            rows += [finetune(work, tag, ft_tag, extra, p_cfg, p_weights, data, args, seconds) for ft_tag, extra in fts]
     return rows
 
 

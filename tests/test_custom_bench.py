@@ -17,11 +17,12 @@ def test_the_bench_runs_end_to_end_at_toy_size(tmp_path):
     base = randomize_(Darknet(str(base_cfg)))
     save_weights(base, tmp_path / 'base.weights')
     picture = tmp_path / 'side.png'
-    args = custom_bench.get_args_parser().parse_args([
+    argv = [
         '--voc', str(voc), '--base-cfg', str(base_cfg), '--base-weights', str(tmp_path / 'base.weights'),
         '--img-size', '96', '--epochs', '1', '--ft-epochs', '1', '--batch-size', '2', '--calib', '2',
         '--min-keep', '1', '--latency-runs', '1', '--threads', '1', '--work-dir', str(tmp_path / 'work'),
-        '--results-dir', str(tmp_path), '--picture', str(picture)])
+        '--results-dir', str(tmp_path), '--picture', str(picture)]
+    args = custom_bench.get_args_parser().parse_args(argv)
     n = torch.get_num_threads()
     try:
         assert custom_bench.main(args) == 0
@@ -33,7 +34,8 @@ def test_the_bench_runs_end_to_end_at_toy_size(tmp_path):
               for k, r in rows.items()}
     for share in (0.5, 0.7):
         for name in (f"sparse-{share:g}", f"sparse-kd-{share:g}", f"sparse-{share:g}-ft", f"sparse-{share:g}-ft-kd",
-                     f"sparse-kd-{share:g}-ft-kd", f"post-{share:g}-ft-kd", f"post-p{share:g}-ft-kd"):
+                     f"sparse-kd-{share:g}-ft-kd", f"post-{share:g}-ft-kd", f"post-p{share:g}-ft",
+                     f"post-p{share:g}-ft-kd"):
             assert params[name] == rows[name]['params']                  # counted from the written files
         for name in (f"sparse-{share:g}", f"post-p{share:g}"):
             assert params[name] <= (1 - share) * params['dense']
@@ -49,3 +51,16 @@ def test_the_bench_runs_end_to_end_at_toy_size(tmp_path):
                 assert dk['yolo_max_diff'] < 1e-2
     img = cv2.imread(str(picture))
     assert img.shape[1] == 2 * 96                                        # dense | pruned, the test image's width
+
+    # again with --reuse: every training and every prune is taken from the work folder, not made again
+    prunes = lambda: {p.name: p.stat().st_mtime_ns for p in work.glob('*0.[57].weights')}    # noqa: E731
+    written = prunes()                                                   # the 8 prunes
+    again = custom_bench.get_args_parser().parse_args(
+        argv + ['--reuse', '--latency-runs', '0', '--picture', '', '--results-dir', str(tmp_path / 'again')])
+    try:
+        assert custom_bench.main(again) == 0
+    finally:
+        torch.set_num_threads(n)
+    assert len(written) == 2 * 4 and prunes() == written
+    rerun = {r['name']: r for r in json.loads((tmp_path / 'again' / 'custom.json').read_text())['rows']}
+    assert {k: r['params'] for k, r in rerun.items()} == {k: r['params'] for k, r in rows.items()}
