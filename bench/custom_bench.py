@@ -67,20 +67,17 @@ MODEL_DIR = os.path.join(SHARED, 'models', 'yolov3-tiny-coco')
 PICTURE = os.path.join(REPO, 'docs', 'bccd-dense-vs-pruned.png')
 
 
-def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_bccd_args(p):
+    """The options every BCCD bench shares: data, base model, the dense and sparse trainings, the prunes."""
     p.add_argument('--voc', default=BCCD, help='the VOC root to convert (default: ../shared BCCD)')
     p.add_argument('--base-cfg', default=os.path.join(MODEL_DIR, 'yolov3-tiny.cfg'))
     p.add_argument('--base-weights', default=os.path.join(MODEL_DIR, 'yolov3-tiny.weights'))
     p.add_argument('--img-size', type=int, default=416)
     p.add_argument('--epochs', type=int, default=12, help='E: dense and sparse-training epochs')
-    p.add_argument('--ft-epochs', type=int, default=6, help='F: fine-tuning epochs of each prune')
     p.add_argument('--lr0', type=float, default=0.01, help='learning rate of the dense and sparse runs')
-    p.add_argument('--ft-lr0', type=float, default=0.005, help='learning rate of the fine-tuning runs')
     p.add_argument('--batch-size', type=int, default=16)
     p.add_argument('--s', type=float, default=0.15, help='sparsity rate at the start of sparse training')
     p.add_argument('--s-final', type=float, default=0.2, help='the rate decays linearly to s * S_FINAL')
-    p.add_argument('--kd', type=float, default=1.0, help='weight of the distillation term (--teacher runs)')
     p.add_argument('--params', type=float, nargs='+', default=[0.5, 0.7],
                    help='shares of the dense parameters each prune removes (at least)')
     p.add_argument('--calib', type=int, default=64, help='calibration images (train split)')
@@ -88,10 +85,19 @@ def get_args_parser():
     p.add_argument('--layer-keep', type=float, default=0.1,
                    help='share of every prunable layer kept at least (tiny_prune --layer-keep; 0: no floor)')
     p.add_argument('--threads', type=int, default=2, help='torch threads for training and latency')
-    p.add_argument('--latency-runs', type=int, default=30)
     p.add_argument('--work-dir', help='keep the converted data and trained models here (default: a temp folder)')
     p.add_argument('--reuse', action='store_true',
                    help='with --work-dir: reuse trainings finished there, and prunes whose layer widths match')
+    return p
+
+
+def get_args_parser():
+    p = add_bccd_args(argparse.ArgumentParser(description=__doc__,
+                                              formatter_class=argparse.RawDescriptionHelpFormatter))
+    p.add_argument('--ft-epochs', type=int, default=6, help='F: fine-tuning epochs of each prune')
+    p.add_argument('--ft-lr0', type=float, default=0.005, help='learning rate of the fine-tuning runs')
+    p.add_argument('--kd', type=float, default=1.0, help='weight of the distillation term (--teacher runs)')
+    p.add_argument('--latency-runs', type=int, default=30)
     p.add_argument('--results-dir', default=RESULTS, help='where custom.json goes')
     p.add_argument('--picture', default=PICTURE, help='the side-by-side PNG (empty: none)')
     p.add_argument('--markdown', action='store_true', help='print the README table from custom.json and exit')
@@ -337,13 +343,19 @@ def markdown(folder=RESULTS):
         print('| ' + ' | '.join(str(c) for c in line) + ' |')
 
 
-def pipeline(work, args, data):
-    """Stages 2-5 -> rows (dense first), hyperparameters and seconds; each row's model written as cfg + weights."""
-    rows, seconds = [], {}
+def train_dense(work, args, data):
+    """Stage 2: the base cfg for the data's class count, the base weights where shapes match, E epochs -> (its
+    last.pt, val mAP@0.5, seconds)."""
     cfg = os.path.join(work, 'yolov3-tiny-bccd.cfg')
     if not os.path.isfile(cfg):
         make_cfg(args.base_cfg, parse_data_cfg(data)['classes'], cfg)
-    dense_pt, val, seconds['dense'] = train(work, 'dense', args, cfg, args.base_weights, data, args.epochs, args.lr0)
+    return train(work, 'dense', args, cfg, args.base_weights, data, args.epochs, args.lr0)
+
+
+def pipeline(work, args, data):
+    """Stages 2-5 -> rows (dense first), hyperparameters and seconds; each row's model written as cfg + weights."""
+    rows, seconds = [], {}
+    dense_pt, val, seconds['dense'] = train_dense(work, args, data)
     dense = load_model(None, dense_pt)
     rows.append(Row('dense', f"COCO yolov3-tiny, {args.epochs} epochs", *write_model(dense, f"{work}/dense"),
                     train_seconds=seconds['dense'], val_mAP50=val))

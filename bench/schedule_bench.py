@@ -24,9 +24,8 @@ import torch
 import calibrate
 from bench import custom_bench
 from bench.common import RESULTS, load_average, print_table, write_result
-from models import load_model, make_cfg, model_info
+from models import load_model, model_info
 from prune_utils import get_layer_set
-from utils.datasets import parse_data_cfg
 from utils.errors import cli_main
 from utils.evaluate import evaluate
 from utils.sparsity import SMALL_GAMMA, sparsity_stats
@@ -35,25 +34,9 @@ SPARSE_MODE = 2                                     # -sr --prune 2: the tiny st
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--voc', default=custom_bench.BCCD, help='the VOC root to convert (default: ../shared BCCD)')
-    p.add_argument('--base-cfg', default=os.path.join(custom_bench.MODEL_DIR, 'yolov3-tiny.cfg'))
-    p.add_argument('--base-weights', default=os.path.join(custom_bench.MODEL_DIR, 'yolov3-tiny.weights'))
-    p.add_argument('--img-size', type=int, default=416)
-    p.add_argument('--epochs', type=int, default=12, help='E: dense and sparse-training epochs')
-    p.add_argument('--lr0', type=float, default=0.01)
-    p.add_argument('--batch-size', type=int, default=16)
-    p.add_argument('--s', type=float, default=0.15, help='the linear schedule starts at this rate')
-    p.add_argument('--s-final', type=float, default=0.2, help='... and ends at s * S_FINAL')
+    p = custom_bench.add_bccd_args(argparse.ArgumentParser(description=__doc__,
+                                                           formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument('--sr-local', type=float, default=0.5, help='--sr-local of the local schedule')
-    p.add_argument('--params', type=float, nargs='+', default=[0.5, 0.7],
-                   help='shares of the parameters each prune removes (at least)')
-    p.add_argument('--calib', type=int, default=64, help='calibration images (train split)')
-    p.add_argument('--min-keep', type=int, default=8)
-    p.add_argument('--layer-keep', type=float, default=0.1, help='0: no floor')
-    p.add_argument('--threads', type=int, default=2)
-    p.add_argument('--work-dir', help='keep the converted data and trained models here (default: a temp folder)')
-    p.add_argument('--reuse', action='store_true', help='with --work-dir: reuse trainings already finished there')
     p.add_argument('--results-dir', default=RESULTS, help='where schedule.json goes')
     return p
 
@@ -92,10 +75,7 @@ def run(work, args):
     """Convert, the dense model, each schedule's run, measured -> rows."""
     os.makedirs(work, exist_ok=True)
     data = custom_bench.convert(work, args.voc)
-    cfg = os.path.join(work, 'yolov3-tiny-bccd.cfg')
-    if not os.path.isfile(cfg):
-        make_cfg(args.base_cfg, parse_data_cfg(data)['classes'], cfg)
-    dense, _, _ = custom_bench.train(work, 'dense', args, cfg, args.base_weights, data, args.epochs, args.lr0)
+    dense, _, _ = custom_bench.train_dense(work, args, data)
     images = calibrate.calibration_images(data, args.calib, args.img_size)
     rows = []
     for name, made, extra in schedules(args):
