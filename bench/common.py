@@ -26,13 +26,17 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
-def git_commit():
-    """HEAD commit of the repository (with '+dirty' when the tree has changes), or 'unknown'."""
+OUTPUTS = ('bench/results', 'docs')      # what benches write: not a change to the code they measure
+
+
+def git_commit(repo=REPO):
+    """HEAD commit of `repo` (with '+dirty' when files outside the benches' own outputs, OUTPUTS, changed), or
+    'unknown'."""
     try:
-        head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True, text=True,
+        head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=repo, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(['git', 'status', '--porcelain'], cwd=REPO, capture_output=True, text=True,
-                               check=True).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--', '.'] + [f':(exclude){p}' for p in OUTPUTS],
+                               cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
         return head + ('+dirty' if dirty else '')
     except (OSError, subprocess.CalledProcessError):
         return 'unknown'
