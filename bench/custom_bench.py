@@ -169,12 +169,14 @@ def write_model(model, path_stem):
     return cfg, weights
 
 
-def percent_for_params(model, share, size, min_keep, layer_keep=None, importance='gamma', images=None):
+def percent_for_params(model, share, size, min_keep, layer_keep=None, importance='gamma', images=None,
+                       scores=None):
     """The smallest tiny-prune --percent (to 1e-3) whose compact model has at most (1 - share) of `model`'s
-    parameters under `importance` (scored once; `images`: its calibration images), by bisection (more percent
-    never keeps more parameters)."""
+    parameters under `importance` (its `scores` when given, else scored once on `images`, its calibration
+    images), by bisection (more percent never keeps more parameters)."""
     layer_set = prune_utils.get_layer_set(model.module_defs, 'tiny')
-    scores = prune_utils.score_channels(model, layer_set, importance, images)
+    if scores is None:
+        scores = prune_utils.score_channels(model, layer_set, importance, images)
     limit = (1 - share) * model_info(model.defs, size, size)[0]
 
     def params_at(p):
@@ -192,15 +194,17 @@ def percent_for_params(model, share, size, min_keep, layer_keep=None, importance
     return math.ceil(hi * 1e4) / 1e4                  # rounded up: the percent still meets the limit
 
 
-def reused_prune(args, model, stem, **plan_options):
+def reused_prune(args, model, stem, plan=None, **plan_options):
     """With --reuse: the prune already written at `stem` (cfg, weights) when its layer widths are the ones
-    `plan_options` give now (a global threshold keeps each layer's highest scores, so equal widths are the same
-    channels), else None."""
+    `plan` (or a plan made from `plan_options`) gives now (a global threshold keeps each layer's highest scores,
+    so equal widths are the same channels), else None."""
     cfg, weights = stem + '.cfg', stem + '.weights'
     if not (args.reuse and os.path.isfile(cfg) and os.path.isfile(weights)):
         return None
-    layer_set = prune_utils.get_layer_set(model.module_defs, 'tiny')
-    plan = prune_utils.make_plan(model, layer_set, 'tiny', img_hw=(args.img_size, args.img_size), **plan_options)
+    if plan is None:
+        layer_set = prune_utils.get_layer_set(model.module_defs, 'tiny')
+        plan = prune_utils.make_plan(model, layer_set, 'tiny', img_hw=(args.img_size, args.img_size),
+                                     **plan_options)
     widths = [d.get('filters') for d in prune_utils.compact_defs(model, plan)]
     if widths != [d.get('filters') for d in parse_cfg(cfg)]:
         return None
@@ -222,21 +226,35 @@ def prune_sparse(sparse, share, images, args, stem):
     return (*write_model(result.nets['compact'], stem), info)
 
 
+def post_training_plan(dense, images, args, target_flops=None, share=None):
+    """The plan of a post-training prune (importance act, scored once on `images`): removing `target_flops` of
+    the BFLOPs, or at the smallest --percent removing >= `share` of the parameters -> (Plan, percent or None)."""
+    layer_set = prune_utils.get_layer_set(dense.module_defs, 'tiny')
+    layer_keep, hw = args.layer_keep or None, (args.img_size, args.img_size)
+    scores = prune_utils.score_channels(dense, layer_set, 'act', images)
+    percent = threshold = None
+    if share is not None:
+        percent = percent_for_params(dense, share, args.img_size, args.min_keep, layer_keep, 'act', scores=scores)
+    else:
+        threshold = prune_utils.flops_threshold(dense, layer_set, scores, target_flops, args.min_keep, None, hw,
+                                                layer_keep)
+    plan = prune_utils.plan_from_scores(layer_set, 'tiny', scores, percent, threshold, args.min_keep,
+                                        layer_keep=layer_keep)
+    plan.importance, plan.target_flops = 'act', target_flops
+    return plan, percent
+
+
 def prune_post_training(dense, images, args, stem, target_flops=None, share=None):
     """The dense model pruned without sparse training (importance act, calibrated): to remove `target_flops` of
-    its BFLOPs, or at the smallest --percent removing >= `share` of its parameters -> (cfg, weights, info)."""
-    layer_keep = args.layer_keep or None
-    percent = None if share is None else percent_for_params(dense, share, args.img_size, args.min_keep,
-                                                            layer_keep, 'act', images)
+    its BFLOPs, or at the smallest --percent removing >= `share` of its parameters -> (cfg, weights, info). The
+    channels are scored once; the surgery replays that plan."""
+    plan, percent = post_training_plan(dense, images, args, target_flops, share)
     info = {'percent': percent, 'target_flops': target_flops and round(target_flops, 4), 'importance': 'act'}
-    reused = reused_prune(args, dense, stem, percent=percent, target_flops=target_flops, importance='act',
-                          images=images, min_keep=args.min_keep, layer_keep=layer_keep)
+    reused = reused_prune(args, dense, stem, plan)
     if reused:
         return (*reused, {**info, 'reused': True})
     t = time.perf_counter()
-    options = pruning.PruneOptions(percent=percent, target_flops=target_flops, importance='act',
-                                   min_keep=args.min_keep, img_hw=(args.img_size, args.img_size),
-                                   layer_keep=layer_keep)
+    options = pruning.PruneOptions(plan=plan.to_json(), importance='act', img_hw=(args.img_size, args.img_size))
     result = pruning.prune(dense, 'tiny', options, images=images)
     info['surgery_seconds'] = round(time.perf_counter() - t, 1)
     return (*write_model(result.nets['compact'], stem), info)

@@ -4,12 +4,15 @@ post-training prune, fine-tuning, test-split evaluation, darknet/OpenCV checks, 
 import json
 
 import cv2
+import numpy as np
 import torch
 
+import prune_utils
 from bench import custom_bench
 from models import Darknet, load_model
 from tests.helpers import mini_tiny, randomize_, voc_root, write
 from utils.darknet_weights import save_weights
+
 
 def test_the_bench_runs_end_to_end_at_toy_size(tmp_path):
     voc = voc_root(tmp_path / 'voc')
@@ -64,3 +67,20 @@ def test_the_bench_runs_end_to_end_at_toy_size(tmp_path):
     assert len(written) == 2 * 4 and prunes() == written
     rerun = {r['name']: r for r in json.loads((tmp_path / 'again' / 'custom.json').read_text())['rows']}
     assert {k: r['params'] for k, r in rerun.items()} == {k: r['params'] for k, r in rows.items()}
+
+
+def test_the_post_training_plan_scored_once_is_the_plan_a_prune_makes(tmp_path):
+    """Two routes to one plan: the bench scores act once and cuts it (by parameter share or BFLOPs target);
+    prune_utils.make_plan scores it itself from the percent or target."""
+    model = randomize_(Darknet(str(write(tmp_path, 't.cfg', mini_tiny(nc=2)))), seed=3).eval()
+    images = torch.rand(4, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    args = custom_bench.get_args_parser().parse_args(['--img-size', '96', '--min-keep', '1', '--layer-keep', '0.1'])
+    layer_set = prune_utils.get_layer_set(model.module_defs, 'tiny')
+    for aim in ({'share': 0.5}, {'target_flops': 0.3}):
+        plan, percent = custom_bench.post_training_plan(model, images, args, **aim)
+        ref = prune_utils.make_plan(model, layer_set, 'tiny', percent=percent, importance='act', images=images,
+                                    target_flops=aim.get('target_flops'), min_keep=1, layer_keep=0.1,
+                                    img_hw=(96, 96))
+        assert sorted(plan.keep) == sorted(ref.keep)
+        assert all(np.array_equal(plan.keep[i], ref.keep[i]) for i in ref.keep)
+        assert sum(int((~k).sum()) for k in plan.keep.values()) > 0
