@@ -1,6 +1,8 @@
 """Run every benchmark of the project and rewrite bench/results/*.json (what `make bench` runs).
 
-    python -m bench.run_all [--only io prune eval train real deploy demo-seeds]
+    python -m bench.run_all [--only io prune eval train real deploy demo-seeds bn-refresh slim layer custom schedule]
+
+(slim runs its select part; `python -m bench.slim_bench --part report` is the val report.)
 
 Each script prints its own table; this prints which ones ran and how long they took. The README's numbers
 come from the JSON files these write (each with machine, date and git commit).
@@ -14,7 +16,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHES = {'io': 'bench.io_bench', 'prune': 'bench.prune_bench', 'eval': 'bench.eval_bench',
            'train': 'bench.train_bench', 'real': 'bench.real_bench', 'deploy': 'bench.deploy_bench',
-           'demo-seeds': 'bench.demo_seeds'}
+           'demo-seeds': 'bench.demo_seeds', 'bn-refresh': 'bench.bn_refresh_bench', 'slim': 'bench.slim_bench',
+           'layer': 'bench.layer_bench', 'custom': 'bench.custom_bench', 'schedule': 'bench.schedule_bench'}
 
 
 def get_args_parser():
