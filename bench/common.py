@@ -26,7 +26,7 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
-OUTPUTS = ('bench/results', 'docs')      # what benches write: not a change to the code they measure
+OUTPUTS = ('bench/results', 'docs/*.png')      # what benches write: not a change to the code they measure
 
 
 def git_commit(repo=REPO):
@@ -35,7 +35,7 @@ def git_commit(repo=REPO):
     try:
         head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=repo, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--', '.'] + [f':(exclude){p}' for p in OUTPUTS],
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--', '.'] + [f':(top,exclude){p}' for p in OUTPUTS],
                                cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
         return head + ('+dirty' if dirty else '')
     except (OSError, subprocess.CalledProcessError):

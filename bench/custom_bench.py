@@ -229,7 +229,7 @@ def prune_sparse(sparse, share, images, args, stem):
 def post_training_plan(dense, images, args, target_flops=None, share=None):
     """The plan of a post-training prune (importance act, scored once on `images`): removing `target_flops` of
     the BFLOPs, or at the smallest --percent removing >= `share` of the parameters -> (Plan, percent or None)."""
-    layer_set = prune_utils.get_layer_set(dense.module_defs, 'tiny')
+    layer_set = prune_utils.get_layer_set(dense.module_defs, 'tiny', dense.in_channels)
     layer_keep, hw = args.layer_keep or None, (args.img_size, args.img_size)
     scores = prune_utils.score_channels(dense, layer_set, 'act', images)
     percent = threshold = None
@@ -254,7 +254,7 @@ def prune_post_training(dense, images, args, stem, target_flops=None, share=None
     if reused:
         return (*reused, {**info, 'reused': True})
     t = time.perf_counter()
-    options = pruning.PruneOptions(plan=plan.to_json(), importance='act', img_hw=(args.img_size, args.img_size))
+    options = pruning.PruneOptions(plan=plan.to_json())      # the plan carries its channels and choices
     result = pruning.prune(dense, 'tiny', options, images=images)
     info['surgery_seconds'] = round(time.perf_counter() - t, 1)
     return (*write_model(result.nets['compact'], stem), info)

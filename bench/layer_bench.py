@@ -8,10 +8,11 @@ the CPU; nothing here needs ../shared.
 
 1. data: the shapes dataset (--n-train, --n-val, --seed)
 2. dense: the demo YOLOv3 trained --epochs from scratch without sparsity (train.py --ema)
-3. for N = 1 .. candidate blocks - 1: layer_prune.py --shortcuts N with --importance gamma and with fold,
-   calibrated on --calib train images (mean fold of each removed block, BN re-estimated), then distilled from the
-   dense model for --distill label-free iterations on the same images; and the dense model channel-pruned
-   (shortcut_prune.py, importance act, the same calibration and distillation) to the BFLOPs of the fold prune
+3. for N = 1 .. candidate blocks - 1 (N = 1 when there is one): layer_prune.py --shortcuts N with --importance
+   gamma and with fold, calibrated on --calib train images (mean fold of each removed block, BN re-estimated),
+   then distilled from the dense model for --distill label-free iterations on the same images; and the dense
+   model channel-pruned (shortcut_prune.py, importance act, --min-keep, the same calibration and distillation)
+   to at most the BFLOPs of the fold prune
 4. mAP@0.5 of every stage on val. No option is chosen on val: the defaults are fixed in advance.
 Writes bench/results/layer.json.
 """
@@ -47,6 +48,7 @@ def get_args_parser():
     p.add_argument('--batch-size', type=int, default=8)
     p.add_argument('--calib', type=int, default=64, help='calibration (and distillation) images, train split')
     p.add_argument('--distill', type=int, default=200, help='label-free distillation iterations (0: none)')
+    p.add_argument('--min-keep', type=int, default=2, help='channel rows: a layer the cut would empty keeps K')
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--work-dir', help='keep the data and the dense model here (default: a temp folder)')
     p.add_argument('--reuse', action='store_true', help='with --work-dir: reuse a finished dense training')
@@ -90,8 +92,9 @@ def one(model, strategy, options, images, data, args):
 
 
 def rows_for(model, images, data, args):
-    """For N = 1 .. candidates - 1 (all of them: both criteria remove the same): the N-block prune by gamma and
-    by fold, then channels to the fold prune's BFLOPs."""
+    """For N = 1 .. candidates - 1 (not all of them: both criteria would remove the same; N = 1 when there is one
+    candidate): the N-block prune by gamma and by fold, then channels (act, --min-keep) to at most the fold
+    prune's BFLOPs."""
     candidates = prune_layers.find_blocks(model.module_defs, model.in_channels).candidates
     orig = model_info(model.defs, args.img_size, args.img_size)[1]
     common = dict(img_hw=(args.img_size, args.img_size), distill_iters=args.distill)
@@ -103,7 +106,7 @@ def rows_for(model, images, data, args):
             print(json.dumps(rows[-1]), flush=True)
         target = round(1 - rows[-1]['bflops'] / orig, 4)
         rows.append(one(model, 'shortcut', pruning.PruneOptions(target_flops=target, importance='act',
-                                                                 min_keep=2, **common), images, data, args))
+                                                                 min_keep=args.min_keep, **common), images, data, args))
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

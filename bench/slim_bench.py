@@ -28,7 +28,7 @@ from bench.common import REPO, RESULTS, load_average, print_table, write_result
 from importance import IMPORTANCES
 from models import load_model, model_info
 from utils.datasets import list_images
-from utils.errors import cli_main
+from utils.errors import DarkslimError, cli_main
 from utils.evaluate import evaluate
 
 SHARED = os.path.join(os.path.dirname(REPO), 'shared')
@@ -46,7 +46,7 @@ def get_args_parser():
     p.add_argument('--importances', nargs='+', default=['gamma', 'l1', 'act', 'fold'])
     p.add_argument('--normalize', nargs='+', default=['default'], help="'default' (the importance's), none, mean, max")
     p.add_argument('--stages', nargs='+', default=['mean+refit+bn'], choices=list(STAGES),
-                   help='calibration steps (default chosen on select: the refit lifted 20 %% from 0.172 to 0.330)')
+                   help='calibration steps (the default was chosen on the select split: slim.json select_refit)')
     p.add_argument('--calib', type=int, nargs='+', default=[128], help='report: calibration images (train)')
     p.add_argument('--distill', type=int, nargs='+', default=[0], help='distillation iterations after calibration')
     p.add_argument('--distill-loss', nargs='+', default=['head'], help='head, feature, head+feature')
@@ -138,11 +138,11 @@ def markdown(keys):
              'distill (iters) | mAP@0.5:0.95 (final) | prune s |', '|---|---|---|---|---|---|---|---|---|---|---|']
     missing = [k for k in keys if not isinstance(stored.get(k), dict) or 'rows' not in stored[k]]
     if missing:
-        raise SystemExit(f"slim.json has no rows under {', '.join(missing)}; expected keys among "
+        raise DarkslimError(f"slim.json has no rows under {', '.join(missing)}; expected keys among "
                          f"{', '.join(k for k, v in stored.items() if isinstance(v, dict) and 'rows' in v)}")
     for key in keys:
         for r in stored[key]['rows']:
-            st = r['stages']
+            st = r.get('stages', {})
             cell = lambda name: f"{st[name]['mAP50']:.3f}" if name in st else ''     # noqa: E731
             dist = f"{cell('distill')} ({r['distill']})" if r['distill'] else ''
             removed = 1 - r['bflops'] / stored[key]['original']['bflops']
@@ -156,7 +156,7 @@ def main(args):
     if args.markdown:
         return markdown(args.markdown)
     if any(args.layer_keep) and max(args.steps) > 1:
-        raise SystemExit("slim_bench: --layer-keep is for one-step prunes; run --steps K > 1 without it")
+        raise DarkslimError("slim_bench: --layer-keep is for one-step prunes; run --steps K > 1 without it")
     if not (os.path.isdir(MODEL_DIR) and os.path.isdir(COCO128)):
         print(f"skipped: needs {MODEL_DIR} and {COCO128}")
         return None

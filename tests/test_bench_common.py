@@ -1,5 +1,5 @@
 """bench/common.py: the commit a bench records is '+dirty' only when code changed, not when the benches' own
-outputs (bench/results, docs) did."""
+outputs (bench/results, the docs' pictures) did."""
 import subprocess
 
 from bench.common import git_commit
@@ -14,6 +14,7 @@ def test_the_commit_is_dirty_for_code_changes_only(tmp_path):
     (tmp_path / 'bench' / 'results').mkdir(parents=True)
     (tmp_path / 'docs').mkdir()
     (tmp_path / 'code.py').write_text('x = 1\n')
+    (tmp_path / 'docs' / 'GUIDE.md').write_text('hand-written\n')
     (tmp_path / 'bench' / 'results' / 'a.json').write_text('{}\n')
     _git(tmp_path, 'init', '-q')
     _git(tmp_path, 'add', '.')
@@ -24,6 +25,12 @@ def test_the_commit_is_dirty_for_code_changes_only(tmp_path):
     (tmp_path / 'bench' / 'results' / 'b.json').write_text('{}\n')
     (tmp_path / 'docs' / 'picture.png').write_bytes(b'png')
     assert git_commit(tmp_path) == head
+    (tmp_path / 'docs' / 'GUIDE.md').write_text('edited\n')               # a document, not a bench output
+    assert git_commit(tmp_path) == head + '+dirty'
+    _git(tmp_path, 'checkout', '-q', '--', 'docs/GUIDE.md')
+    (tmp_path / 'new.py').write_text('y = 1\n')                            # new, untracked code
+    assert git_commit(tmp_path) == head + '+dirty'
+    (tmp_path / 'new.py').unlink()
     (tmp_path / 'code.py').write_text('x = 2\n')
     assert git_commit(tmp_path) == head + '+dirty'
     assert git_commit(tmp_path / 'nowhere') == 'unknown'

@@ -10,8 +10,9 @@ import torch
 import prune_utils
 from bench import custom_bench
 from models import Darknet, load_model
-from tests.helpers import mini_tiny, randomize_, voc_root, write
+from tests.helpers import counted_cost, mini_tiny, randomize_, voc_root, write
 from utils.darknet_weights import save_weights
+from utils.parse_config import write_cfg
 
 
 def test_the_bench_runs_end_to_end_at_toy_size(tmp_path):
@@ -71,11 +72,13 @@ def test_the_bench_runs_end_to_end_at_toy_size(tmp_path):
 
 def test_the_post_training_plan_scored_once_is_the_plan_a_prune_makes(tmp_path):
     """Two routes to one plan: the bench scores act once and cuts it (by parameter share or BFLOPs target);
-    prune_utils.make_plan scores it itself from the percent or target."""
+    prune_utils.make_plan scores it itself from the percent or target. The plan meets its aim counted from the
+    compact model's own tensors, and its JSON (what the surgery replays) gives the same masks back."""
     model = randomize_(Darknet(str(write(tmp_path, 't.cfg', mini_tiny(nc=2)))), seed=3).eval()
     images = torch.rand(4, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     args = custom_bench.get_args_parser().parse_args(['--img-size', '96', '--min-keep', '1', '--layer-keep', '0.1'])
     layer_set = prune_utils.get_layer_set(model.module_defs, 'tiny')
+    params, bflops = counted_cost(model, 96, 96)
     for aim in ({'share': 0.5}, {'target_flops': 0.3}):
         plan, percent = custom_bench.post_training_plan(model, images, args, **aim)
         ref = prune_utils.make_plan(model, layer_set, 'tiny', percent=percent, importance='act', images=images,
@@ -83,4 +86,9 @@ def test_the_post_training_plan_scored_once_is_the_plan_a_prune_makes(tmp_path):
                                     img_hw=(96, 96))
         assert sorted(plan.keep) == sorted(ref.keep)
         assert all(np.array_equal(plan.keep[i], ref.keep[i]) for i in ref.keep)
-        assert sum(int((~k).sum()) for k in plan.keep.values()) > 0
+        replayed = prune_utils.plan_from_json(plan.to_json(), layer_set)
+        assert all(np.array_equal(plan.keep[i], replayed.keep[i]) for i in plan.keep)
+        cfg = tmp_path / 'compact.cfg'
+        write_cfg(str(cfg), prune_utils.compact_defs(model, plan))
+        p, b = counted_cost(Darknet(str(cfg)), 96, 96)
+        assert (p <= 0.5 * params) if 'share' in aim else (b <= 0.7 * bflops)
