@@ -544,7 +544,7 @@ def score_channels(model, layer_set, importance='gamma', images=None, normalize=
 
 def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep=None, round_to=None,
               importance='gamma', images=None, target_flops=None, normalize=None, greedy=False, img_hw=None,
-              layer_keep=None):
+              layer_keep=None, scores=None):
     """Keep masks for every prunable conv from a global threshold on the channels' scores.
 
     `importance` (a name in importance.IMPORTANCES, or an Importance) scores every prunable channel; `images`
@@ -565,11 +565,13 @@ def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep
     up, filling with the highest-score channels (never past the layer's size). A unit split by a `[route]
     groups` route keeps the same count in every slice (`_unit_keep`); min_keep and round_to then apply per
     slice. A group member wider than its group (LayerSet.partial) shares the group's mask over the group's
-    width; its other channels are cut (and rounded) on their own and may all go.
+    width; its other channels are cut (and rounded) on their own and may all go. `scores`: the importance's
+    scores (score_channels) when the caller already has them, so that several plans cut one scoring.
     """
     _check_plan_options(layer_set, percent, threshold, min_keep, round_to, target_flops, layer_keep)
     imp = get_importance(importance)
-    scores = score_channels(model, layer_set, imp, images, normalize)
+    if scores is None:
+        scores = score_channels(model, layer_set, imp, images, normalize)
     if greedy and imp.upstream:
         first = make_plan(model, layer_set, strategy, percent, threshold, min_keep, round_to, imp, images,
                           target_flops, normalize, img_hw=img_hw, layer_keep=layer_keep)

@@ -194,17 +194,12 @@ def percent_for_params(model, share, size, min_keep, layer_keep=None, importance
     return math.ceil(hi * 1e4) / 1e4                  # rounded up: the percent still meets the limit
 
 
-def reused_prune(args, model, stem, plan=None, **plan_options):
-    """With --reuse: the prune already written at `stem` (cfg, weights) when its layer widths are the ones
-    `plan` (or a plan made from `plan_options`) gives now (a global threshold keeps each layer's highest scores,
-    so equal widths are the same channels), else None."""
+def reused_prune(args, model, stem, plan):
+    """With --reuse: the prune already written at `stem` (cfg, weights) when its layer widths are `plan`'s (a
+    global threshold keeps each layer's highest scores, so equal widths are the same channels), else None."""
     cfg, weights = stem + '.cfg', stem + '.weights'
     if not (args.reuse and os.path.isfile(cfg) and os.path.isfile(weights)):
         return None
-    if plan is None:
-        layer_set = prune_utils.get_layer_set(model.module_defs, 'tiny')
-        plan = prune_utils.make_plan(model, layer_set, 'tiny', img_hw=(args.img_size, args.img_size),
-                                     **plan_options)
     widths = [d.get('filters') for d in prune_utils.compact_defs(model, plan)]
     if widths != [d.get('filters') for d in parse_cfg(cfg)]:
         return None
@@ -212,35 +207,39 @@ def reused_prune(args, model, stem, plan=None, **plan_options):
     return cfg, weights
 
 
+def replayed_prune(model, plan, images, stem, args, info):
+    """`plan` written at `stem` (reused with --reuse when the widths match; else replayed by pruning.prune,
+    calibrated on `images`) -> (cfg, weights, info)."""
+    reused = reused_prune(args, model, stem, plan)
+    if reused:
+        return (*reused, {**info, 'reused': True})
+    t = time.perf_counter()
+    result = pruning.prune(model, 'tiny', pruning.PruneOptions(plan=plan.to_json()), images=images)
+    info = {**info, 'surgery_seconds': round(time.perf_counter() - t, 1)}
+    return (*write_model(result.nets['compact'], stem), info)
+
+
 def prune_sparse(sparse, share, images, args, stem):
     """The sparse model pruned (tiny, calibrated) to remove >= `share` of its parameters -> (cfg, weights, info)."""
-    percent = percent_for_params(sparse, share, args.img_size, args.min_keep, args.layer_keep or None)
-    reused = reused_prune(args, sparse, stem, percent=percent, min_keep=args.min_keep,
-                          layer_keep=args.layer_keep or None)
-    if reused:
-        return (*reused, {'percent': percent, 'reused': True})
-    t = time.perf_counter()
-    result = pruning.prune(sparse, 'tiny', pruning.PruneOptions(percent=percent, min_keep=args.min_keep,
-                                                                layer_keep=args.layer_keep or None), images=images)
-    info = {'percent': percent, 'surgery_seconds': round(time.perf_counter() - t, 1)}
-    return (*write_model(result.nets['compact'], stem), info)
+    layer_keep = args.layer_keep or None
+    percent = percent_for_params(sparse, share, args.img_size, args.min_keep, layer_keep)
+    plan = prune_utils.make_plan(sparse, prune_utils.get_layer_set(sparse.module_defs, 'tiny', sparse.in_channels),
+                                 'tiny', percent=percent, min_keep=args.min_keep, layer_keep=layer_keep,
+                                 img_hw=(args.img_size, args.img_size))
+    return replayed_prune(sparse, plan, images, stem, args, {'percent': percent})
 
 
 def post_training_plan(dense, images, args, target_flops=None, share=None):
     """The plan of a post-training prune (importance act, scored once on `images`): removing `target_flops` of
     the BFLOPs, or at the smallest --percent removing >= `share` of the parameters -> (Plan, percent or None)."""
     layer_set = prune_utils.get_layer_set(dense.module_defs, 'tiny', dense.in_channels)
-    layer_keep, hw = args.layer_keep or None, (args.img_size, args.img_size)
+    layer_keep = args.layer_keep or None
     scores = prune_utils.score_channels(dense, layer_set, 'act', images)
-    percent = threshold = None
-    if share is not None:
-        percent = percent_for_params(dense, share, args.img_size, args.min_keep, layer_keep, 'act', scores=scores)
-    else:
-        threshold = prune_utils.flops_threshold(dense, layer_set, scores, target_flops, args.min_keep, None, hw,
-                                                layer_keep)
-    plan = prune_utils.plan_from_scores(layer_set, 'tiny', scores, percent, threshold, args.min_keep,
-                                        layer_keep=layer_keep)
-    plan.importance, plan.target_flops = 'act', target_flops
+    percent = None if share is None else percent_for_params(dense, share, args.img_size, args.min_keep, layer_keep,
+                                                            'act', scores=scores)
+    plan = prune_utils.make_plan(dense, layer_set, 'tiny', percent=percent, min_keep=args.min_keep,
+                                 importance='act', target_flops=target_flops, img_hw=(args.img_size, args.img_size),
+                                 layer_keep=layer_keep, scores=scores)
     return plan, percent
 
 
@@ -250,14 +249,7 @@ def prune_post_training(dense, images, args, stem, target_flops=None, share=None
     channels are scored once; the surgery replays that plan."""
     plan, percent = post_training_plan(dense, images, args, target_flops, share)
     info = {'percent': percent, 'target_flops': target_flops and round(target_flops, 4), 'importance': 'act'}
-    reused = reused_prune(args, dense, stem, plan)
-    if reused:
-        return (*reused, {**info, 'reused': True})
-    t = time.perf_counter()
-    options = pruning.PruneOptions(plan=plan.to_json())      # the plan carries its channels and choices
-    result = pruning.prune(dense, 'tiny', options, images=images)
-    info['surgery_seconds'] = round(time.perf_counter() - t, 1)
-    return (*write_model(result.nets['compact'], stem), info)
+    return replayed_prune(dense, plan, images, stem, args, info)
 
 
 def skipped(bench, args):
