@@ -574,7 +574,7 @@ def make_plan(model, layer_set, strategy, percent=None, threshold=None, min_keep
         scores = score_channels(model, layer_set, imp, images, normalize)
     if greedy and imp.upstream:
         first = make_plan(model, layer_set, strategy, percent, threshold, min_keep, round_to, imp, images,
-                          target_flops, normalize, img_hw=img_hw, layer_keep=layer_keep)
+                          target_flops, normalize, img_hw=img_hw, layer_keep=layer_keep, scores=scores)
         scores = score_channels(model, layer_set, imp, images, normalize, keep=first.keep)
     hw = tuple(img_hw or model.img_size)
     if target_flops is not None:

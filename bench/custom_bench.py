@@ -174,7 +174,7 @@ def percent_for_params(model, share, size, min_keep, layer_keep=None, importance
     """The smallest tiny-prune --percent (to 1e-3) whose compact model has at most (1 - share) of `model`'s
     parameters under `importance` (its `scores` when given, else scored once on `images`, its calibration
     images), by bisection (more percent never keeps more parameters)."""
-    layer_set = prune_utils.get_layer_set(model.module_defs, 'tiny')
+    layer_set = prune_utils.get_layer_set(model.module_defs, 'tiny', model.in_channels)
     if scores is None:
         scores = prune_utils.score_channels(model, layer_set, importance, images)
     limit = (1 - share) * model_info(model.defs, size, size)[0]
@@ -222,10 +222,11 @@ def replayed_prune(model, plan, images, stem, args, info):
 def prune_sparse(sparse, share, images, args, stem):
     """The sparse model pruned (tiny, calibrated) to remove >= `share` of its parameters -> (cfg, weights, info)."""
     layer_keep = args.layer_keep or None
-    percent = percent_for_params(sparse, share, args.img_size, args.min_keep, layer_keep)
-    plan = prune_utils.make_plan(sparse, prune_utils.get_layer_set(sparse.module_defs, 'tiny', sparse.in_channels),
-                                 'tiny', percent=percent, min_keep=args.min_keep, layer_keep=layer_keep,
-                                 img_hw=(args.img_size, args.img_size))
+    layer_set = prune_utils.get_layer_set(sparse.module_defs, 'tiny', sparse.in_channels)
+    scores = prune_utils.score_channels(sparse, layer_set, 'gamma')
+    percent = percent_for_params(sparse, share, args.img_size, args.min_keep, layer_keep, scores=scores)
+    plan = prune_utils.make_plan(sparse, layer_set, 'tiny', percent=percent, min_keep=args.min_keep,
+                                 layer_keep=layer_keep, img_hw=(args.img_size, args.img_size), scores=scores)
     return replayed_prune(sparse, plan, images, stem, args, {'percent': percent})
 
 
